@@ -1,0 +1,1 @@
+"""Datasets (registration, metadata, raw-format converters, synthetic set) and the mapper."""

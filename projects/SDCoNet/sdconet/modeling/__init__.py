@@ -1,0 +1,1 @@
+"""Model parts of SDCoNet."""

@@ -1,0 +1,38 @@
+# Two commands from a fresh clone: `make demo` and `make test` (both run `make setup` first).
+# `make setup` is idempotent: a second run installs nothing (stamp file + each step checks first).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.sdconet-setup
+export SDCONET_DATASETS ?= $(CURDIR)/datasets
+# 2-core machines: do not oversubscribe the BLAS/OpenMP pools.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup demo test data clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): setup.py tools/install_detectron2.py Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')" 2>/dev/null \
+	  || $(PIP) install $(TORCH_PINS)
+	$(PY) tools/install_detectron2.py
+	$(PIP) install --no-build-isolation -e ".[test]"
+	@touch $(STAMP)
+	@echo "setup done: $(VENV) holds torch, detectron2 and sdconet"
+
+data: setup
+	$(PY) datasets/make_synthetic.py --out $(SDCONET_DATASETS)
+
+demo: data
+	$(PY) tools/visualize_data.py --dataset synthetic_rs_train --num 4 --out output/demo/data_samples
+	@echo "demo: synthetic dataset in $(SDCONET_DATASETS)/Synthetic_RS, samples in output/demo/data_samples"
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

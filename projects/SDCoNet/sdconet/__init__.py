@@ -1,0 +1,8 @@
+"""SDCoNet as a detectron2 project: importing this package registers its datasets and models."""
+from .config import add_sdconet_config, check_sdconet_config
+from .data.datasets import register_sdconet_datasets
+from .data.mapper import SDCoNetDatasetMapper
+
+register_sdconet_datasets()
+
+__all__ = ["add_sdconet_config", "check_sdconet_config", "register_sdconet_datasets", "SDCoNetDatasetMapper"]

@@ -1,0 +1,173 @@
+"""Config keys of SDCoNet, added to a detectron2 ``get_cfg()`` by :func:`add_sdconet_config`.
+
+Every key has a comment saying what it does and where its default comes from
+("spec §x" = ../shared/reference/sdconet_spec.md). :func:`check_sdconet_config` turns
+impossible values into an error that names the key.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_sdconet_config(cfg):
+    """Add the ``MODEL.SDCONET``, data and solver keys SDCoNet uses (idempotent)."""
+    if hasattr(cfg.MODEL, "SDCONET"):
+        return cfg
+    _C = cfg
+    _C.MODEL.SDCONET = CN()
+    # Number of object classes; must match the dataset's thing_classes.
+    _C.MODEL.SDCONET.NUM_CLASSES = 10
+
+    # ---------------------------------------------------------------- degradation
+    # How the low-quality input is made from the HR image, inside the model (spec §6.2).
+    _C.MODEL.SDCONET.DEGRADE = CN()
+    # Down-sampling factor s: the LR input is H/s x W/s. One of 1, 2, 4.
+    _C.MODEL.SDCONET.DEGRADE.SCALE = 2
+    # Interpolation used to shrink the image: "bicubic" (the benchmark) or "bilinear" or "area".
+    _C.MODEL.SDCONET.DEGRADE.MODE = "bicubic"
+    # Gaussian blur sigma range (HR pixels) drawn per image before down-sampling; (0, 0) = no blur.
+    _C.MODEL.SDCONET.DEGRADE.BLUR_SIGMA = (0.0, 0.0)
+    # Additive Gaussian noise std range, in 0-255 pixel units, drawn per image; (0, 0) = none.
+    _C.MODEL.SDCONET.DEGRADE.NOISE_STD = (0.0, 0.0)
+    # Seed of the degradation's own random generator (blur/noise); -1 = draw from torch's global RNG.
+    _C.MODEL.SDCONET.DEGRADE.SEED = -1
+    # Degrade test images too (benchmark protocol: HR tiles in, LR seen). False = the test
+    # images already are the real low-quality input and are used as they are.
+    _C.MODEL.SDCONET.DEGRADE.TEST = True
+
+    # ---------------------------------------------------------------- Swin backbone (timm)
+    _C.MODEL.SDCONET.SWIN = CN()
+    # timm model name ("swin_tiny_patch4_window7_224", "swin_small_...", "swin_base_...") or
+    # "custom" to build from EMBED_DIM / DEPTHS / NUM_HEADS below (tiny configs).
+    _C.MODEL.SDCONET.SWIN.NAME = "swin_tiny_patch4_window7_224"
+    # Width of stage 1 (custom only; the timm name fixes it otherwise).
+    _C.MODEL.SDCONET.SWIN.EMBED_DIM = 96
+    # Blocks per stage (custom only).
+    _C.MODEL.SDCONET.SWIN.DEPTHS = (2, 2, 6, 2)
+    # Attention heads per stage (custom only).
+    _C.MODEL.SDCONET.SWIN.NUM_HEADS = (3, 6, 12, 24)
+    # Attention window size in tokens (custom only; spec §3.1: 7).
+    _C.MODEL.SDCONET.SWIN.WINDOW_SIZE = 7
+    # Stochastic depth rate, linearly increasing over blocks (spec §3.1: 0.2).
+    _C.MODEL.SDCONET.SWIN.DROP_PATH_RATE = 0.2
+    # Stages whose weights are frozen: 0 = none, 1 = patch embed, k = patch embed + stages 1..k-1.
+    _C.MODEL.SDCONET.SWIN.FREEZE_AT = 0
+    # Local path of ImageNet weights (official Swin .pth or timm keys); "" = random init.
+    _C.MODEL.SDCONET.SWIN.PRETRAINED = ""
+    # Backbone outputs fed to the neck (res2 = stride 4 ... res5 = stride 32 of the LR input).
+    _C.MODEL.SDCONET.SWIN.OUT_FEATURES = ("res3", "res4", "res5")
+    # Recompute Swin blocks in backward to save memory (torch.utils.checkpoint).
+    _C.MODEL.SDCONET.SWIN.USE_CHECKPOINT = False
+
+    # ---------------------------------------------------------------- neck
+    _C.MODEL.SDCONET.NECK = CN()
+    # "FPN" (top-down fusion, default) or "ChannelMapper" (the authors' release, spec §2).
+    _C.MODEL.SDCONET.NECK.NAME = "FPN"
+    # Channels of every neck level (= transformer width).
+    _C.MODEL.SDCONET.NECK.OUT_CHANNELS = 256
+    # Extra stride-2 levels made from the last backbone feature (spec §2: one, stride 64).
+    _C.MODEL.SDCONET.NECK.NUM_EXTRA_LEVELS = 1
+
+    # ---------------------------------------------------------------- transformer
+    _C.MODEL.SDCONET.TRANSFORMER = CN()
+    # Deformable encoder layers (spec §3.4: 6).
+    _C.MODEL.SDCONET.TRANSFORMER.ENC_LAYERS = 6
+    # DINO decoder layers (spec §3.5: 6).
+    _C.MODEL.SDCONET.TRANSFORMER.DEC_LAYERS = 6
+    # Attention heads in encoder and decoder.
+    _C.MODEL.SDCONET.TRANSFORMER.NUM_HEADS = 8
+    # Sampling points per head and level in deformable attention.
+    _C.MODEL.SDCONET.TRANSFORMER.NUM_POINTS = 4
+    # Hidden width of the feed-forward layers.
+    _C.MODEL.SDCONET.TRANSFORMER.FFN_DIM = 2048
+    # Dropout in attention and FFN (spec: 0).
+    _C.MODEL.SDCONET.TRANSFORMER.DROPOUT = 0.0
+    # Object queries selected by two-stage mixed query selection (spec §3.5: 300).
+    _C.MODEL.SDCONET.TRANSFORMER.NUM_QUERIES = 300
+    # Temperature of the sine position encoding of feature maps (DINO: 20, spec §3.5).
+    _C.MODEL.SDCONET.TRANSFORMER.POS_TEMPERATURE = 20
+    # Detections kept per image at inference: top-k over (query, class) pairs.
+    _C.MODEL.SDCONET.TRANSFORMER.NUM_DETECTIONS = 300
+
+    # ---------------------------------------------------------------- contrastive denoising
+    _C.MODEL.SDCONET.DN = CN()
+    # Total denoising queries per image (positive and negative pairs share it; spec: 100).
+    _C.MODEL.SDCONET.DN.NUM_QUERIES = 100
+    # Label noise: a fraction LABEL_NOISE * 0.5 of DN labels is replaced at random.
+    _C.MODEL.SDCONET.DN.LABEL_NOISE = 0.5
+    # Box noise scale (relative to box size; negatives get between 1x and 2x this).
+    _C.MODEL.SDCONET.DN.BOX_NOISE = 1.0
+
+    # ---------------------------------------------------------------- matcher
+    _C.MODEL.SDCONET.MATCHER = CN()
+    # Hungarian matching costs: focal class / L1 box (cxcywh) / GIoU (spec §3.5).
+    _C.MODEL.SDCONET.MATCHER.COST_CLASS = 2.0
+    _C.MODEL.SDCONET.MATCHER.COST_BBOX = 5.0
+    _C.MODEL.SDCONET.MATCHER.COST_GIOU = 2.0
+
+    # ---------------------------------------------------------------- losses
+    _C.MODEL.SDCONET.LOSS = CN()
+    # Weights of the sigmoid focal, L1 and GIoU losses (spec §4: 1 / 5 / 2).
+    _C.MODEL.SDCONET.LOSS.CLASS_WEIGHT = 1.0
+    _C.MODEL.SDCONET.LOSS.BBOX_WEIGHT = 5.0
+    _C.MODEL.SDCONET.LOSS.GIOU_WEIGHT = 2.0
+    # Sigmoid focal loss alpha / gamma.
+    _C.MODEL.SDCONET.LOSS.FOCAL_ALPHA = 0.25
+    _C.MODEL.SDCONET.LOSS.FOCAL_GAMMA = 2.0
+
+    # ---------------------------------------------------------------- data
+    # Input pixels are read as BGR like detectron2; mean/std below are ImageNet's, in BGR order.
+    _C.MODEL.PIXEL_MEAN = [103.53, 116.28, 123.675]
+    _C.MODEL.PIXEL_STD = [57.375, 57.12, 58.395]
+    # Random flips and 90-degree rotations at training time (remote-sensing standard).
+    _C.INPUT.SDCONET = CN()
+    # Probability of a horizontal flip.
+    _C.INPUT.SDCONET.HFLIP_PROB = 0.5
+    # Probability of a vertical flip.
+    _C.INPUT.SDCONET.VFLIP_PROB = 0.0
+    # Apply a random multiple of 90 degrees rotation (square tiles keep their size).
+    _C.INPUT.SDCONET.ROT90 = False
+    # Boxes narrower or shorter than this (HR pixels, after clipping) are dropped and counted.
+    _C.INPUT.SDCONET.MIN_BOX_SIZE = 1.0
+
+    # ---------------------------------------------------------------- solver
+    # "ADAMW" (the paper's) or "SGD".
+    _C.SOLVER.OPTIMIZER = "ADAMW"
+    # LR multiplier of the backbone parameters (spec §7: 0.1).
+    _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Clip the L2 norm of all gradients together (full model); <= 0 disables (spec §7: 0.1).
+    _C.SOLVER.FULL_MODEL_CLIP_NORM = 0.1
+    return cfg
+
+
+def check_sdconet_config(cfg):
+    """Raise ``ValueError`` naming the key when a config value is impossible."""
+    s = cfg.MODEL.SDCONET
+
+    def fail(key, value, why):
+        raise ValueError(f"Invalid config: {key}={value!r}: {why}")
+
+    if s.DEGRADE.SCALE not in (1, 2, 4):
+        fail("MODEL.SDCONET.DEGRADE.SCALE", s.DEGRADE.SCALE, "must be one of 1, 2, 4")
+    if s.DEGRADE.MODE not in ("bicubic", "bilinear", "area"):
+        fail("MODEL.SDCONET.DEGRADE.MODE", s.DEGRADE.MODE, "must be bicubic, bilinear or area")
+    for key in ("BLUR_SIGMA", "NOISE_STD"):
+        rng = tuple(s.DEGRADE.get(key))
+        if len(rng) != 2 or rng[0] < 0 or rng[1] < rng[0]:
+            fail(f"MODEL.SDCONET.DEGRADE.{key}", rng, "must be (low, high) with 0 <= low <= high")
+    if s.NUM_CLASSES < 1:
+        fail("MODEL.SDCONET.NUM_CLASSES", s.NUM_CLASSES, "must be >= 1")
+    if s.NECK.NAME not in ("FPN", "ChannelMapper"):
+        fail("MODEL.SDCONET.NECK.NAME", s.NECK.NAME, "must be FPN or ChannelMapper")
+    if s.TRANSFORMER.NUM_QUERIES < 1:
+        fail("MODEL.SDCONET.TRANSFORMER.NUM_QUERIES", s.TRANSFORMER.NUM_QUERIES, "must be >= 1")
+    if s.TRANSFORMER.NUM_HEADS < 1 or s.NECK.OUT_CHANNELS % s.TRANSFORMER.NUM_HEADS:
+        fail("MODEL.SDCONET.TRANSFORMER.NUM_HEADS", s.TRANSFORMER.NUM_HEADS,
+             f"must divide MODEL.SDCONET.NECK.OUT_CHANNELS={s.NECK.OUT_CHANNELS}")
+    if not 0.0 <= s.DN.LABEL_NOISE <= 1.0:
+        fail("MODEL.SDCONET.DN.LABEL_NOISE", s.DN.LABEL_NOISE, "must lie in [0, 1]")
+    if cfg.SOLVER.OPTIMIZER not in ("ADAMW", "SGD"):
+        fail("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, "must be ADAMW or SGD")
+    for key in ("HFLIP_PROB", "VFLIP_PROB"):
+        p = cfg.INPUT.SDCONET.get(key)
+        if not 0.0 <= p <= 1.0:
+            fail(f"INPUT.SDCONET.{key}", p, "is a probability and must lie in [0, 1]")
+    return cfg

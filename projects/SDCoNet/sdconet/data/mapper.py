@@ -1,0 +1,175 @@
+"""Dataset mapper: reads remote-sensing images of any bit depth / channel count into the model's format.
+
+detectron2's ``DatasetMapper`` reads with PIL (8-bit RGB-centric) and only flips horizontally.
+Remote-sensing tiles come as 16-bit GeoTIFFs, single-band images or RGBA PNGs, and are
+orientation-free, so we read with OpenCV and add vertical flips and 90-degree rotations.
+"""
+import copy
+import logging
+
+import cv2
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import Boxes, BoxMode, Instances
+from detectron2.utils.logger import log_every_n_seconds
+
+logger = logging.getLogger(__name__)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Scale a 16-bit / float image to uint8 with a robust per-image stretch.
+
+    Sensors often fill only 10-12 of 16 bits, so dividing by 65535 would give a black image;
+    we map [0, 99.9th percentile] to [0, 255] instead. uint8 input is returned as is.
+    """
+    if image.dtype == np.uint8:
+        return image
+    image = image.astype(np.float32)
+    image = np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
+    image -= min(float(image.min()), 0.0)
+    high = float(np.percentile(image, 99.9)) if image.size else 0.0
+    if high <= 0:
+        high = float(image.max()) or 1.0
+    return np.clip(image * (255.0 / high), 0, 255).astype(np.uint8)
+
+
+def read_image_any(file_name: str, format: str = "BGR") -> np.ndarray:
+    """Read an image file as HxWx3 uint8 in ``format`` ("BGR" or "RGB").
+
+    Handles 8/16-bit and float, gray, RGBA and multi-band TIFF (first three bands).
+    Raises ``IOError`` naming the file when it is missing, empty, truncated or not an image.
+    """
+    try:
+        data = np.fromfile(file_name, dtype=np.uint8)
+    except OSError as e:
+        raise IOError(f"Cannot read image file {file_name}: {e.strerror or e}") from e
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise IOError(f"Cannot decode image file {file_name}: it is empty, truncated, corrupt or not an image")
+    image = to_uint8(image)
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif image.shape[2] == 1:
+        image = cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR)
+    elif image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    elif image.shape[2] > 4:
+        image = np.ascontiguousarray(image[:, :, :3])
+    if format == "RGB":
+        image = image[:, :, ::-1]
+    elif format != "BGR":
+        raise ValueError(f"Unsupported image format {format!r}: use BGR or RGB")
+    return np.ascontiguousarray(image)
+
+
+class Rot90Transform(T.Transform):
+    """Rotate by ``k`` x 90 degrees counter-clockwise, exactly (no interpolation)."""
+
+    def __init__(self, h: int, w: int, k: int):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img):
+        return np.ascontiguousarray(np.rot90(img, self.k))
+
+    def apply_coords(self, coords):
+        coords = np.asarray(coords, dtype=np.float64).copy()
+        h, w = self.h, self.w
+        for _ in range(self.k % 4):  # one CCW quarter turn of an h x w image maps (x, y) -> (y, w - x)
+            coords = np.stack([coords[:, 1], w - coords[:, 0]], axis=1)
+            h, w = w, h
+        return coords
+
+    def apply_segmentation(self, segmentation):
+        return self.apply_image(segmentation)
+
+    def inverse(self):
+        h, w = (self.w, self.h) if self.k % 2 else (self.h, self.w)
+        return Rot90Transform(h, w, (4 - self.k) % 4)
+
+
+class RandomRot90(T.Augmentation):
+    """Rotate by a random multiple of 90 degrees (remote-sensing images have no "up")."""
+
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        k = int(self._rand_range(0, 4))
+        return Rot90Transform(h, w, k) if k else T.NoOpTransform()
+
+
+class SDCoNetDatasetMapper:
+    """Map a dataset dict to ``{"image": CHW uint8 tensor, "instances": Instances, ...}``.
+
+    Boxes are clipped to the image; boxes smaller than ``min_box_size`` after clipping are
+    dropped, and the running count of dropped boxes is logged.
+    """
+
+    @configurable
+    def __init__(self, is_train: bool, *, augmentations, image_format="BGR", min_box_size=1.0):
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.min_box_size = min_box_size
+        self.num_dropped = 0
+        self.num_clipped = 0
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        augs = []
+        if is_train:
+            aug_cfg = cfg.INPUT.SDCONET
+            if aug_cfg.HFLIP_PROB > 0:
+                augs.append(T.RandomFlip(aug_cfg.HFLIP_PROB, horizontal=True, vertical=False))
+            if aug_cfg.VFLIP_PROB > 0:
+                augs.append(T.RandomFlip(aug_cfg.VFLIP_PROB, horizontal=False, vertical=True))
+            if aug_cfg.ROT90:
+                augs.append(RandomRot90())
+        return {"is_train": is_train, "augmentations": augs, "image_format": cfg.INPUT.FORMAT,
+                "min_box_size": cfg.INPUT.SDCONET.MIN_BOX_SIZE}
+
+    def __call__(self, dataset_dict):
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = read_image_any(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        h, w = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            return dataset_dict
+        annos = [obj for obj in dataset_dict.pop("annotations", []) if obj.get("iscrowd", 0) == 0]
+        dataset_dict["instances"] = self.annotations_to_instances(
+            annos, transforms, (h, w), dataset_dict["file_name"])
+        return dataset_dict
+
+    def annotations_to_instances(self, annos, transforms, image_size, file_name):
+        """Transform boxes with the image, clip them to it, drop degenerate ones (counted and logged)."""
+        h, w = image_size
+        boxes = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
+                         dtype=np.float64).reshape(-1, 4)
+        classes = np.array([a["category_id"] for a in annos], dtype=np.int64)
+        boxes = transforms.apply_box(boxes) if len(boxes) else boxes
+        clipped = boxes.copy()
+        clipped[:, 0::2] = clipped[:, 0::2].clip(0, w)
+        clipped[:, 1::2] = clipped[:, 1::2].clip(0, h)
+        self.num_clipped += int((np.abs(clipped - boxes) > 1e-6).any(axis=1).sum())
+        keep = ((clipped[:, 2] - clipped[:, 0]) >= self.min_box_size) & (
+            (clipped[:, 3] - clipped[:, 1]) >= self.min_box_size)
+        dropped = int((~keep).sum())
+        if dropped:
+            self.num_dropped += dropped
+            log_every_n_seconds(
+                logging.WARNING,
+                f"Dropped {dropped} degenerate box(es) (smaller than {self.min_box_size} px after clipping) "
+                f"in {file_name}; {self.num_dropped} dropped so far by this mapper",
+                n=10, name=__name__)
+        instances = Instances((h, w))
+        instances.gt_boxes = Boxes(torch.as_tensor(clipped[keep], dtype=torch.float32))
+        instances.gt_classes = torch.as_tensor(classes[keep], dtype=torch.int64)
+        return instances
