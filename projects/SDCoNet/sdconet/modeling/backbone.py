@@ -1,0 +1,238 @@
+"""timm's Swin Transformer as a detectron2 backbone, with the taps SDCoNet's SR decoder needs.
+
+Outputs (NCHW, strides relative to the input, spec §2 / §3.1):
+
+- ``patch_embed``: tokens after the 4x4 patch embedding and its LayerNorm (stride 4);
+- ``stage1_raw``: stage-1 output with no extra norm (stride 4), a skip of the SR decoder;
+- ``res2`` .. ``res5``: stage outputs, each through its own LayerNorm (strides 4, 8, 16, 32),
+  like mmdet / the official detection Swin. Only the ``out_features`` asked for are built and
+  returned, so no norm sits unused (DDP would complain about parameters without gradients).
+
+Why the blocks are driven here rather than by ``stage(x)``: detection inputs give token grids
+that are not multiples of the window (a 256 LR tile gives 64x64 tokens, window 7). timm pads
+such grids but rolls *before* padding, so the shifted-window mask no longer separates the rows
+and columns that wrapped around the border (huggingface/pytorch-image-models#2438): tokens at
+the top edge attend to tokens at the bottom edge. :func:`swin_block_forward` pads first and then
+rolls, as the official Swin and mmdet do. timm is still used for everything else: modules,
+weights layout, window attention with its relative position bias, mask building and the
+checkpoint conversion (:func:`timm.models.swin_transformer.checkpoint_filter_fn`).
+
+The timm model is built with ``always_partition=True``: otherwise timm fixes windows and shifts
+from its nominal 224 input (stage 4 at 7x7 tokens never shifts), whatever the real input is.
+"""
+import logging
+from typing import Dict, List, NamedTuple, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from fvcore.common.checkpoint import get_missing_parameters_message, get_unexpected_parameters_message
+from timm.models import load_state_dict
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    checkpoint_filter_fn,
+    window_partition,
+    window_reverse,
+)
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "TimmSwinBackbone",
+    "SwinLoadReport",
+    "build_timm_swin_backbone",
+    "load_swin_weights",
+    "swin_block_forward",
+]
+
+logger = logging.getLogger(__name__)
+
+RES_NAMES = ("res2", "res3", "res4", "res5")
+
+
+def shifted_window_attention(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """(Shifted) window attention of ``block`` on NHWC ``x`` of any size: pad, roll, attend, undo.
+
+    Padding happens before the cyclic shift so that timm's mask (built for the padded grid)
+    keeps the wrapped-around border tokens apart, as in the official Swin.
+    """
+    _, height, width, channels = x.shape
+    win_h, win_w = block.window_size
+    x = F.pad(x, (0, 0, 0, (-width) % win_w, 0, (-height) % win_h))
+    shift = block.shift_size
+    shifted = any(shift)
+    if shifted:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    mask = block.get_attn_mask(x) if shifted else None
+    padded_h, padded_w = x.shape[1], x.shape[2]
+    windows = window_partition(x, block.window_size).view(-1, win_h * win_w, channels)
+    windows = block.attn(windows, mask=mask).view(-1, win_h, win_w, channels)
+    x = window_reverse(windows, block.window_size, padded_h, padded_w)
+    if shifted:
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
+    return x[:, :height, :width, :].contiguous()
+
+
+def swin_block_forward(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """timm's Swin block (pre-norm attention + MLP residuals) with the pad-then-roll attention."""
+    x = x + block.drop_path1(shifted_window_attention(block, block.norm1(x)))
+    return x + block.drop_path2(block.mlp(block.norm2(x)))
+
+
+def create_timm_swin(name: str, *, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+                     num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7,
+                     drop_path_rate: float = 0.2, in_chans: int = 3) -> SwinTransformer:
+    """A randomly initialised timm Swin (never downloads); ``name="custom"`` uses the widths given."""
+    common = dict(num_classes=0, global_pool="", in_chans=in_chans, drop_path_rate=drop_path_rate,
+                  strict_img_size=False, always_partition=True)
+    if name == "custom":
+        return SwinTransformer(patch_size=4, embed_dim=embed_dim, depths=tuple(depths),
+                               num_heads=tuple(num_heads), window_size=window_size, **common)
+    return timm.create_model(name, pretrained=False, **common)
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+class TimmSwinBackbone(Backbone):
+    """Swin (timm modules) returning the patch-embed / stage-1 taps and normalised res2..res5.
+
+    Args:
+        name: timm model name, or "custom" to use ``embed_dim`` / ``depths`` / ``num_heads`` /
+            ``window_size``.
+        out_features: which of res2..res5 to normalise and return (the taps are always returned).
+        freeze_at: 0 = nothing frozen; 1 = patch embedding; k >= 2 = patch embedding and stages
+            1..k-1 with their output norms (detectron2 meaning: everything that computes res2..res{k}).
+            Frozen modules stay in eval mode, so drop path is off there.
+        use_checkpoint: recompute each Swin block in backward (training only) to save memory.
+    """
+
+    def __init__(self, name: str = "swin_tiny_patch4_window7_224", *, embed_dim: int = 96,
+                 depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 window_size: int = 7, drop_path_rate: float = 0.2,
+                 out_features: Sequence[str] = ("res3", "res4", "res5"), freeze_at: int = 0,
+                 use_checkpoint: bool = False, in_chans: int = 3):
+        super().__init__()
+        unknown = [f for f in out_features if f not in RES_NAMES]
+        if unknown:
+            raise ValueError(f"Unknown Swin out_features {unknown}; choose from {RES_NAMES}")
+        swin = create_timm_swin(name, embed_dim=embed_dim, depths=depths, num_heads=num_heads,
+                                window_size=window_size, drop_path_rate=drop_path_rate, in_chans=in_chans)
+        if len(swin.layers) != len(RES_NAMES):
+            raise ValueError(f"Swin must have {len(RES_NAMES)} stages (res2..res5), got depths {tuple(depths)}")
+        # Same attribute names as timm / the official Swin, so checkpoints map onto them.
+        self.patch_embed = swin.patch_embed
+        self.layers = swin.layers
+        self.patch_size = self.patch_embed.patch_size
+        self.use_checkpoint = use_checkpoint
+
+        stage_channels = [info["num_chs"] for info in swin.feature_info]
+        stage_strides = [info["reduction"] for info in swin.feature_info]
+        self._out_feature_channels = {"patch_embed": stage_channels[0], "stage1_raw": stage_channels[0]}
+        self._out_feature_strides = {"patch_embed": stage_strides[0], "stage1_raw": stage_strides[0]}
+        for index, res in enumerate(RES_NAMES):
+            if res in out_features:
+                self.add_module(f"norm{index}", nn.LayerNorm(stage_channels[index]))
+                self._out_feature_channels[res] = stage_channels[index]
+                self._out_feature_strides[res] = stage_strides[index]
+        self._out_features = ["patch_embed", "stage1_raw"] + [r for r in RES_NAMES if r in out_features]
+        self._frozen_modules: List[nn.Module] = []
+        self._freeze_stages(freeze_at)
+
+    @property
+    def size_divisibility(self) -> int:
+        """32 = the stride of res5. Windows need no extra divisibility: each block pads to its
+        window itself, so padding images to 32 * window (224) would only waste compute."""
+        return 32
+
+    def _freeze_stages(self, freeze_at: int) -> None:
+        """Stop gradients into the patch embedding and the first ``freeze_at - 1`` stages (once, at build)."""
+        if not 0 <= freeze_at <= len(self.layers) + 1:
+            raise ValueError(f"freeze_at={freeze_at} must lie in [0, {len(self.layers) + 1}]")
+        modules = [self.patch_embed] if freeze_at >= 1 else []
+        for index in range(freeze_at - 1):
+            modules.append(self.layers[index])
+            if hasattr(self, f"norm{index}"):
+                modules.append(getattr(self, f"norm{index}"))
+        for module in modules:
+            module.requires_grad_(False)
+            module.eval()
+        self._frozen_modules = modules
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self._frozen_modules:
+            module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        pad_h, pad_w = (-x.shape[-2]) % self.patch_size[0], (-x.shape[-1]) % self.patch_size[1]
+        if pad_h or pad_w:  # bottom / right, like mmdet's corner padding
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.patch_embed(x)  # NHWC, patch embedding + LayerNorm
+        outputs = {"patch_embed": _nchw(x)}
+        for index, stage in enumerate(self.layers):
+            x = stage.downsample(x)  # identity for stage 1, patch merging (timm layout) after
+            for block in stage.blocks:
+                if self.use_checkpoint and self.training:
+                    x = checkpoint(swin_block_forward, block, x, use_reentrant=False)
+                else:
+                    x = swin_block_forward(block, x)
+            if index == 0:
+                outputs["stage1_raw"] = _nchw(x)
+            if RES_NAMES[index] in self._out_feature_channels:
+                outputs[RES_NAMES[index]] = _nchw(getattr(self, f"norm{index}")(x))
+        return outputs
+
+
+class SwinLoadReport(NamedTuple):
+    """Keys (model names, after conversion) that did not load, returned by :func:`load_swin_weights`.
+
+    ``missing_keys`` includes the ``mismatched_keys`` (skipped for their shape)."""
+
+    missing_keys: List[str]
+    unexpected_keys: List[str]
+    mismatched_keys: List[str]
+
+
+def load_swin_weights(backbone: TimmSwinBackbone, path: str) -> SwinLoadReport:
+    """Load a LOCAL Swin checkpoint (official Microsoft ``.pth`` or timm keys) into ``backbone``.
+
+    timm's own converter moves the official per-stage downsample to timm's layout, drops the
+    ``relative_position_index`` / ``attn_mask`` buffers and resizes relative position tables when
+    the window differs. Tensors whose shape still differs are skipped and reported; the
+    classification ``norm.*`` / ``head.*`` come out as unexpected and the res norms as missing.
+    """
+    logger.info(f"Loading Swin weights from {path}")
+    state_dict = checkpoint_filter_fn(load_state_dict(path, use_ema=False), backbone)
+    own = backbone.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    for key in mismatched:
+        logger.warning(f"Skip loading parameter '{key}': shape {tuple(state_dict[key].shape)} in the "
+                       f"checkpoint, {tuple(own[key].shape)} in the model.")
+        del state_dict[key]
+    incompatible = backbone.load_state_dict(state_dict, strict=False)
+    report = SwinLoadReport(sorted(incompatible.missing_keys),
+                            sorted(incompatible.unexpected_keys), mismatched)
+    if report.missing_keys:
+        logger.warning(get_missing_parameters_message(report.missing_keys))
+    if report.unexpected_keys:
+        logger.warning(get_unexpected_parameters_message(report.unexpected_keys))
+    return report
+
+
+@BACKBONE_REGISTRY.register()
+def build_timm_swin_backbone(cfg, input_shape: ShapeSpec) -> TimmSwinBackbone:
+    """detectron2 entry point: ``cfg.MODEL.BACKBONE.NAME = "build_timm_swin_backbone"``."""
+    s = cfg.MODEL.SDCONET.SWIN
+    backbone = TimmSwinBackbone(
+        s.NAME, embed_dim=s.EMBED_DIM, depths=s.DEPTHS, num_heads=s.NUM_HEADS,
+        window_size=s.WINDOW_SIZE, drop_path_rate=s.DROP_PATH_RATE, out_features=s.OUT_FEATURES,
+        freeze_at=s.FREEZE_AT, use_checkpoint=s.USE_CHECKPOINT, in_chans=input_shape.channels)
+    if s.PRETRAINED:
+        load_swin_weights(backbone, s.PRETRAINED)
+    return backbone
