@@ -2,7 +2,8 @@
 from .config import add_sdconet_config, check_sdconet_config
 from .data.datasets import register_sdconet_datasets
 from .data.mapper import SDCoNetDatasetMapper
+from .modeling import SDCoNet
 
 register_sdconet_datasets()
 
-__all__ = ["add_sdconet_config", "check_sdconet_config", "register_sdconet_datasets", "SDCoNetDatasetMapper"]
+__all__ = ["add_sdconet_config", "check_sdconet_config", "register_sdconet_datasets", "SDCoNetDatasetMapper", "SDCoNet"]

@@ -1,1 +1,5 @@
-"""Model parts of SDCoNet."""
+"""Model parts of SDCoNet; importing this registers the backbone and the meta-architecture."""
+from . import backbone as _backbone  # noqa: F401  (registers build_timm_swin_backbone)
+from .meta_arch import SDCoNet
+
+__all__ = ["SDCoNet"]
