@@ -27,9 +27,13 @@ $(STAMP): setup.py tools/install_detectron2.py Makefile
 data: setup
 	$(PY) datasets/make_synthetic.py --out $(SDCONET_DATASETS)
 
+DEMO_CONFIG ?= configs/quick_schedules/dino_tiny_synthetic.yaml
+DEMO_OUT ?= output/demo
+
 demo: data
-	$(PY) tools/visualize_data.py --dataset synthetic_rs_train --num 4 --out output/demo/data_samples
-	@echo "demo: synthetic dataset in $(SDCONET_DATASETS)/Synthetic_RS, samples in output/demo/data_samples"
+	$(PY) tools/visualize_data.py --dataset synthetic_rs_test --num 4 --out $(DEMO_OUT)/data_samples
+	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUT)
+	@echo "demo done: metrics in $(DEMO_OUT)/final_metrics.json and $(DEMO_OUT)/metrics.json, pictures in $(DEMO_OUT)/data_samples"
 
 test: setup
 	$(PY) -m pytest -q tests

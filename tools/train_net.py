@@ -5,12 +5,15 @@
     python tools/train_net.py --config-file C --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file C --resume          # continue from OUTPUT_DIR/last_checkpoint
 """
+import json
 import logging
+import os
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
 from detectron2.evaluation import verify_results
 
 from sdconet import add_sdconet_config, check_sdconet_config
@@ -31,18 +34,32 @@ def setup(args):
     return cfg
 
 
+def report(cfg, results):
+    """Write the final evaluation to OUTPUT_DIR/final_metrics.json and print the headline numbers."""
+    if not results or not comm.is_main_process():
+        return
+    with open(os.path.join(cfg.OUTPUT_DIR, "final_metrics.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    for dataset, res in results.items() if "bbox" not in results else [("", results)]:
+        bbox = res.get("bbox", {})
+        keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        print(f"[final] {dataset} " + "  ".join(f"{k}={bbox[k]:.2f}" for k in keys if k in bbox), flush=True)
+
+
 def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
+        report(cfg, res)
         if cfg.TEST.EXPECTED_RESULTS:
             verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    report(cfg, getattr(trainer, "_last_eval_results", None))
 
 
 if __name__ == "__main__":
