@@ -1,0 +1,145 @@
+"""tools/benchmark.py: parameter, FLOP and latency figures of the tiny config, and the cost models."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+import sdconet
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "quick_schedules" / "dino_tiny_synthetic.yaml")
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = load_tool()
+
+
+def run(tmp_path, size, warmup=1, iters=2):
+    out = tmp_path / f"bench_{size}.json"
+    result = benchmark.main(["--config-file", TINY, "--input-size", str(size), str(size), "--warmup", str(warmup),
+                             "--iters", str(iters), "--threads", "1", "--json", str(out)])
+    return result, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def small_and_large(tmp_path_factory):
+    """HR 256 and 512 (LR 128 and 256): below that, Swin's window padding and the fixed number
+    of queries dominate and the cost no longer grows near quadratically."""
+    tmp = tmp_path_factory.mktemp("bench")
+    return run(tmp, 256), run(tmp, 512, warmup=0, iters=1)
+
+
+def test_printed_report_and_json_agree(small_and_large, capsys, tmp_path):
+    (returned, written), _ = small_and_large
+    assert written["params"] == returned["params"]
+    assert written["gflops"]["total"] == pytest.approx(returned["gflops"]["total"])
+    assert written["input_size_hr"] == [256, 256] and written["input_size_model"] == [128, 128]
+    assert "--input-size 256 256" in written["command"]
+    assert written["machine"]["torch"] == torch.__version__
+
+    result, _ = run(tmp_path, 64, iters=1)
+    printed = capsys.readouterr().out
+    assert result["command"] in printed
+    assert "1 fused multiply-add = 1 flop" in printed
+    assert f"{result['params']['total'] / 1e6:.2f} M" in printed
+    assert f"median {result['latency']['median_ms']:.1f} ms" in printed
+
+
+def test_parameters_match_an_independently_built_model(small_and_large):
+    (_, figures), _ = small_and_large
+    cfg = get_cfg()
+    sdconet.add_sdconet_config(cfg)
+    cfg.merge_from_file(TINY)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    params = figures["params"]
+    assert params["total"] == sum(p.numel() for p in model.parameters())
+    assert sum(m["total"] for m in params["modules"].values()) == params["total"]
+    assert sum(m["inference"] for m in params["modules"].values()) == params["inference"]
+    assert 0 < params["inference"] <= params["total"]
+    assert params["modules"]["backbone"]["total"] == sum(p.numel() for p in model.backbone.parameters())
+
+
+def test_inference_path_leaves_out_training_only_parameters():
+    model = benchmark.build_benchmark_model(TINY, [], "cpu")
+    used = benchmark.inference_parameter_names(model, benchmark.random_inputs(64, 64))
+    assert "transformer.denoising.label_embedding.weight" not in used  # CDN queries exist only in training
+    assert "backbone.patch_embed.proj.weight" in used
+    assert "transformer.query_embedding.weight" in used  # read by indexing, not by calling the module
+    counts = benchmark.count_parameters(model, benchmark.random_inputs(64, 64))
+    assert counts["total"] - counts["inference"] == model.transformer.denoising.label_embedding.weight.numel()
+    assert benchmark.count_parameters(model)["inference"] == counts["total"]  # no inputs: everything
+
+
+def test_gflops_are_complete_and_grow_with_the_input(small_and_large):
+    (_, small), (_, large) = small_and_large
+    flops = small["gflops"]
+    assert flops["total"] > 0
+    assert flops["uncounted_unknown"] == {}, "an op without cost model appeared: add a handle or list it"
+    assert sum(flops["by_module"].values()) == pytest.approx(flops["total"])
+    for part in ("backbone", "neck", "transformer"):
+        assert flops["by_module"][part] > 0
+    assert flops["by_operator"]["grid_sampler"] > 0  # deformable attention is counted
+    # 128x128 LR output of the bicubic degradation, 3 channels, 16 taps each.
+    assert flops["by_module"]["degradation"] == pytest.approx(16 * 3 * 128 * 128 / 1e9)
+    assert large["gflops"]["total"] > 2.5 * flops["total"]
+    # Convolutions (the FPN) and the resize scale exactly with the pixel count.
+    for part in ("neck", "degradation"):
+        assert large["gflops"]["by_module"][part] == pytest.approx(4 * flops["by_module"][part])
+
+
+def test_latency_figures(small_and_large):
+    (_, figures), _ = small_and_large
+    latency = figures["latency"]
+    assert latency["threads"] == 1 and latency["iters"] == 2 and latency["warmup"] == 1
+    assert 0 < latency["min_ms"] <= latency["median_ms"] <= latency["max_ms"]
+    assert latency["min_ms"] <= latency["mean_ms"] <= latency["max_ms"]
+
+
+class Attention(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class Sampler(nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x, grid):
+        return F.grid_sample(x, grid, mode=self.mode, align_corners=False)
+
+
+class Shrink(nn.Module):
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=0.5, mode="bicubic", align_corners=False)
+
+
+def fvcore_total(module, inputs):
+    analysis = FlopCountAnalysis(module, inputs).set_op_handle(**benchmark.OP_HANDLES)
+    analysis.unsupported_ops_warnings(False)
+    total = analysis.total()
+    assert not analysis.unsupported_ops()
+    return total
+
+
+def test_cost_models():
+    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 5)
+    assert fvcore_total(Attention(), (q, k, v)) == 2 * 4 * 10 * 6 * (8 + 5)
+    x, grid = torch.randn(2, 3, 9, 9), torch.rand(2, 7, 5, 2) * 2 - 1
+    assert fvcore_total(Sampler("bilinear"), (x, grid)) == 4 * 2 * 3 * 7 * 5
+    assert fvcore_total(Sampler("nearest"), (x, grid)) == 1 * 2 * 3 * 7 * 5
+    assert fvcore_total(Shrink(), (torch.randn(1, 3, 16, 12),)) == 16 * 3 * 8 * 6

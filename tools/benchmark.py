@@ -1,0 +1,393 @@
+#!/usr/bin/env python
+"""Parameters, GFLOPs and latency of an SDCoNet config on its inference path.
+
+    python tools/benchmark.py --config-file configs/Baselines/dino_swin-t_lr_nwpu.yaml
+    python tools/benchmark.py --config-file C --input-size 800 800 --device cuda --json out.json [opts ...]
+
+The model runs in eval mode under ``torch.no_grad()`` on one random uint8 BGR HR image; the
+model itself degrades it (MODEL.SDCONET.DEGRADE.SCALE) before the backbone, exactly as in
+evaluation. The printed block (machine, command line, figures) is meant to be pasted into a
+benchmark page as is.
+
+FLOPs come from fvcore, which counts one fused multiply-add as ONE flop (so its "GFLOPs" are
+GMACs). Ops fvcore has no formula for are listed; the ones that matter here get a handle below.
+"""
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+with warnings.catch_warnings():
+    # fvcore scripts a loss at import time, which torch now flags as deprecated: not ours to fix.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from detectron2.utils.analysis import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
+
+    import sdconet
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_benchmark_model(config_file: str, opts: Optional[List[str]] = None, device: str = "cpu") -> nn.Module:
+    """The detectron2 model of a config on ``device``, in eval mode (random weights: cost does not
+    depend on them)."""
+    cfg = get_cfg()
+    sdconet.add_sdconet_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts or []))
+    cfg.MODEL.DEVICE = device
+    sdconet.check_sdconet_config(cfg)
+    cfg.freeze()
+    return build_model(cfg).eval()
+
+
+def random_inputs(height: int, width: int, device: str = "cpu", seed: int = 0) -> List[Dict]:
+    """detectron2 batched inputs holding one random uint8 BGR HR image, already on ``device`` so
+    the latency excludes the host-to-device copy."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+    return [{"image": image.to(device), "height": height, "width": width}]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+class _ParameterReads(TorchFunctionMode):
+    """Records which parameters any torch function or tensor method receives."""
+
+    def __init__(self, parameter_ids):
+        super().__init__()
+        self.parameter_ids = parameter_ids
+        self.read = set()
+
+    def _visit(self, value):
+        if isinstance(value, torch.Tensor):
+            if id(value) in self.parameter_ids:
+                self.read.add(id(value))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                self._visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                self._visit(item)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self._visit(args)
+        self._visit(kwargs or {})
+        return func(*args, **(kwargs or {}))
+
+
+def inference_parameter_names(model: nn.Module, inputs) -> set:
+    """Names of the parameters read during one eval forward: the inference path.
+
+    Training-only parts (denoising label embedding, later the SR branch) are never read in
+    eval, so they drop out without a hand-kept list.
+    """
+    named = dict(model.named_parameters())
+    ids = {id(p): name for name, p in named.items()}
+    was_training = model.training
+    model.eval()
+    recorder = _ParameterReads(set(ids))
+    with torch.no_grad(), recorder:
+        model(inputs)
+    model.train(was_training)
+    return {ids[i] for i in recorder.read}
+
+
+def count_parameters(model: nn.Module, inputs=None) -> Dict:
+    """Parameter counts: ``total``, ``inference`` (read in an eval forward on ``inputs``; equals
+    ``total`` when no inputs are given) and the same two per top-level child module."""
+    used = inference_parameter_names(model, inputs) if inputs is not None else None
+    named = dict(model.named_parameters())
+
+    def counts(prefix):
+        names = [n for n in named if not prefix or n.startswith(prefix + ".")]
+        total = sum(named[n].numel() for n in names)
+        inference = total if used is None else sum(named[n].numel() for n in names if n in used)
+        return {"total": total, "inference": inference}
+
+    result = counts("")
+    result["modules"] = {name: counts(name) for name, _ in model.named_children()}
+    direct = [n for n in named if "." not in n]  # parameters owned by the root module itself
+    if direct:
+        result["modules"]["(root)"] = {
+            "total": sum(named[n].numel() for n in direct),
+            "inference": sum(named[n].numel() for n in direct if used is None or n in used)}
+    return result
+
+
+# ----------------------------------------------------------------------------- FLOPs
+# Cost models (multiply-adds, fvcore convention) for ops fvcore does not count or counts blindly.
+
+_GRID_SAMPLE_TAPS = {0: 4, 1: 1, 2: 16}  # interpolation_mode: bilinear, nearest, bicubic
+
+
+def grid_sampler_flops(inputs, outputs):
+    """grid_sample: each output element (per channel, per sample) is a weighted sum of its taps:
+    4 for bilinear (deformable attention), 1 for nearest, 16 for bicubic. The coordinate maths,
+    shared by all channels, is not counted."""
+    mode = inputs[2].toIValue() if len(inputs) > 2 else 0
+    taps = _GRID_SAMPLE_TAPS.get(mode, 4)
+    numel = 1
+    for d in get_shape(outputs[0]):
+        numel *= d
+    return taps * numel
+
+
+def upsample_bicubic_flops(inputs, outputs):
+    """Bicubic resize (the x s degradation): 16 taps (4 x 4 neighbourhood) per output element."""
+    numel = 1
+    for d in get_shape(outputs[0]):
+        numel *= d
+    return 16 * numel
+
+
+def sdpa_flops(inputs, outputs):
+    """scaled_dot_product_attention, query (..., L, E), key (..., S, E), value (..., S, Ev):
+    Q K^T costs L*S*E and the weighted sum of values L*S*Ev per batch-head; the softmax is not
+    counted, as fvcore does not count it elsewhere."""
+    q, v = get_shape(inputs[0]), get_shape(inputs[2])
+    batch_heads = 1
+    for d in q[:-2]:
+        batch_heads *= d
+    length, embed = q[-2], q[-1]
+    source, value_dim = v[-2], v[-1]
+    return batch_heads * length * source * (embed + value_dim)
+
+
+OP_HANDLES = {
+    "aten::grid_sampler": grid_sampler_flops,
+    "aten::grid_sampler_2d": grid_sampler_flops,
+    "aten::upsample_bicubic2d": upsample_bicubic_flops,
+    "aten::scaled_dot_product_attention": sdpa_flops,
+}
+
+# Ops left uncounted on purpose: element-wise maths, reductions, indexing and data movement,
+# each O(tensor size) with no multiply-add structure (detectron2 and fvcore skip the same kind).
+NEGLIGIBLE_OPS = {
+    "aten::gelu", "aten::relu", "aten::silu", "aten::pow", "aten::sin", "aten::cos", "aten::log",
+    "aten::exp", "aten::sum", "aten::mean", "aten::cumsum", "aten::ne", "aten::eq", "aten::lt",
+    "aten::gt", "aten::le", "aten::ge", "aten::all", "aten::any", "aten::fill_", "aten::pad",
+    "aten::topk", "aten::max", "aten::min", "aten::clamp", "aten::clamp_min", "aten::masked_fill",
+    "aten::masked_fill_", "aten::where", "aten::roll", "aten::floor_divide", "aten::remainder",
+    "aten::abs", "aten::tanh", "aten::softmax", "aten::sigmoid", "aten::gather", "aten::scatter",
+    "aten::index", "aten::index_put_", "aten::bitwise_not", "aten::logical_not", "aten::linspace",
+    "aten::arange", "aten::full_like", "aten::zeros_like", "aten::ones_like", "aten::repeat",
+}
+
+
+def _quiet_tracing():
+    """Tracing a detector warns on every Python-side shape read; those are expected here."""
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning)
+
+
+def count_gflops(model: nn.Module, image) -> Dict:
+    """fvcore FLOPs (1 multiply-add = 1 flop) of one eval forward, in GFLOPs.
+
+    ``image`` is a uint8 CHW tensor or detectron2 batched inputs. detectron2's
+    ``FlopCountAnalysis`` adapts the list-of-dicts interface for ``torch.jit.trace``. Returns
+    total, per top-level child module (plus what ``SDCoNet.forward`` does outside any child),
+    per operator, and the ops that were not counted (split into negligible and unknown).
+    """
+    inputs = image if isinstance(image, list) else [{"image": image, "height": image.shape[-2],
+                                                       "width": image.shape[-1]}]
+    was_training = model.training
+    model.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        _quiet_tracing()
+        analysis = FlopCountAnalysis(model, inputs)
+        analysis.set_op_handle(**OP_HANDLES)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        total = analysis.total()
+        by_module = analysis.by_module()
+        by_operator = analysis.by_operator()
+        unsupported = analysis.unsupported_ops()
+    model.train(was_training)
+
+    # The tracing adapter wraps the detector as ``model``: strip that prefix.
+    modules = {name: by_module.get(f"model.{name}", 0) / 1e9 for name, _ in model.named_children()}
+    modules["(outside modules)"] = total / 1e9 - sum(modules.values())
+    return {
+        "total": total / 1e9,
+        "by_module": modules,
+        "by_operator": {op: n / 1e9 for op, n in by_operator.most_common()},
+        "uncounted_negligible": {op: n for op, n in sorted(unsupported.items()) if op in NEGLIGIBLE_OPS},
+        "uncounted_unknown": {op: n for op, n in sorted(unsupported.items()) if op not in NEGLIGIBLE_OPS},
+    }
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+def measure_latency(model: nn.Module, inputs, warmup: int = 3, iters: int = 10) -> Dict:
+    """Wall time of ``iters`` eval forwards after ``warmup`` untimed ones, in ms."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    cuda = next(model.parameters()).device.type == "cuda"
+    was_training = model.training
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for step in range(warmup + iters):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(inputs)
+            if cuda:
+                torch.cuda.synchronize()
+            if step >= warmup:
+                times.append((time.perf_counter() - start) * 1000.0)
+    model.train(was_training)
+    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
+            "min_ms": min(times), "max_ms": max(times), "warmup": warmup, "iters": iters,
+            "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine_info(device: str) -> Dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__}
+    if hasattr(os, "getloadavg"):  # other work on the machine inflates latencies: record it
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    try:
+        import detectron2
+        import fvcore
+        info["detectron2"] = detectron2.__version__
+        info["fvcore"] = getattr(fvcore, "__version__", "?")
+    except ImportError:
+        pass
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def format_report(result: Dict) -> str:
+    m, p, g, lat = result["machine"], result["params"], result["gflops"], result["latency"]
+    hr, lr = result["input_size_hr"], result["input_size_model"]
+    lines = [
+        f"command: {result['command']}",
+        f"machine: {m['cpu']} ({m['cpu_cores']} cores), {m['platform']}"
+        + (f", load average {m['load_average_1min']} at start" if "load_average_1min" in m else ""),
+        f"software: python {m['python']}, torch {m['torch']}, detectron2 {m.get('detectron2', '?')}, "
+        f"fvcore {m.get('fvcore', '?')}" + (f", GPU {m['gpu']}" if "gpu" in m else ""),
+        f"config: {result['config_file']}" + (f"  opts: {' '.join(result['opts'])}" if result["opts"] else ""),
+        f"input: HR {hr[0]}x{hr[1]} -> model input (after x{result['degrade_scale']} degradation inside "
+        f"the model) {lr[0]}x{lr[1]}, batch 1, eval mode, no_grad, device {result['device']}",
+        "",
+        f"parameters: total {p['total'] / 1e6:.2f} M, inference path {p['inference'] / 1e6:.2f} M",
+    ]
+    for name, c in p["modules"].items():
+        lines.append(f"  {name:<20} total {c['total'] / 1e6:8.3f} M   inference {c['inference'] / 1e6:8.3f} M")
+    lines += [
+        "",
+        f"GFLOPs (fvcore: 1 fused multiply-add = 1 flop, i.e. GMACs): {g['total']:.2f}",
+    ]
+    for name, v in g["by_module"].items():
+        lines.append(f"  {name:<20} {v:8.3f}")
+    lines.append("  by operator: " + ", ".join(f"{op} {v:.3f}" for op, v in g["by_operator"].items()))
+    lines.append("  cost models: grid_sampler 4 MACs/output (bilinear), upsample_bicubic2d 16 MACs/output, "
+                 "scaled_dot_product_attention L*S*(E+Ev) per batch-head")
+    if g["uncounted_negligible"]:
+        lines.append("  not counted (element-wise/reduction/indexing, negligible): "
+                     + ", ".join(f"{op} x{n}" for op, n in g["uncounted_negligible"].items()))
+    if g["uncounted_unknown"]:
+        lines.append("  WARNING not counted, no cost model (check they are negligible): "
+                     + ", ".join(f"{op} x{n}" for op, n in g["uncounted_unknown"].items()))
+    lines += [
+        "",
+        f"latency ({result['device']}, {lat['threads']} threads, {lat['warmup']} warmup + {lat['iters']} runs): "
+        f"median {lat['median_ms']:.1f} ms, mean {lat['mean_ms']:.1f} ms "
+        f"(min {lat['min_ms']:.1f}, max {lat['max_ms']:.1f})",
+    ]
+    load = m.get("load_average_1min")
+    if result["device"] == "cpu" and load is not None and load > 0.5 * (m["cpu_cores"] or 1):
+        lines.append(f"  WARNING: load average {load} on {m['cpu_cores']} cores before the run: other work competes "
+                     "for the CPU and the latency is unreliable (more so with several threads)")
+    return "\n".join(lines)
+
+
+def benchmark(config_file: str, opts=None, height: int = 512, width: int = 512, device: str = "cpu",
+              warmup: int = 3, iters: int = 10, seed: int = 0) -> Dict:
+    """All figures for one config, as a JSON-ready dict (``command`` and ``machine`` filled by main)."""
+    model = build_benchmark_model(config_file, opts, device)
+    inputs = random_inputs(height, width, device, seed)
+    scale = model.input_scale
+    result = {
+        "config_file": config_file, "opts": list(opts or []), "device": device,
+        "input_size_hr": [height, width], "degrade_scale": scale,
+        "input_size_model": [-(-height // scale), -(-width // scale)],
+        "params": count_parameters(model, inputs),
+        "gflops": count_gflops(model, inputs),
+        "latency": measure_latency(model, inputs, warmup, iters),
+    }
+    return result
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--input-size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
+                        help="HR image size given to the model (it degrades it itself)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random input image")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> Dict:
+    command_args = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but CUDA is not available")
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    machine = machine_info(args.device)  # before the run, so the load average is other work's
+    previous_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = benchmark(args.config_file, args.opts, *args.input_size, device=args.device,
+                           warmup=args.warmup, iters=args.iters, seed=args.seed)
+    finally:
+        torch.set_num_threads(previous_threads)  # main() may be called from other code (tests)
+    result["command"] = "python tools/benchmark.py " + shlex.join(command_args)
+    result["machine"] = machine
+    print(format_report(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
