@@ -16,12 +16,13 @@ def _require(module, hint):
     try:
         __import__(module)
     except ImportError:
-        sys.exit(f"sdconet: '{module}' is not installed. {hint}")
+        sys.exit(f"sdconet: '{module}' is not importable while building. {hint} If it is installed, "
+                 "install sdconet with `pip install --no-build-isolation -e .` so the build can see it.")
 
 
 # Fail early with a clear message (the DensePose pattern) rather than deep inside an import.
 # `pip install -e .` runs this file in a subprocess; with build isolation it would not see torch,
-# so install with --no-build-isolation (make setup does).
+# so install with --no-build-isolation (make setup does); the message below says so too.
 if not any(arg in sys.argv for arg in ("egg_info", "sdist", "--name", "--version", "dist_info")):
     _require("torch", "Install it first: pip install torch==2.14.1 torchvision==0.29.1 (or run `make setup`).")
     _require("detectron2", "Install it first: python tools/install_detectron2.py (or run `make setup`).")
