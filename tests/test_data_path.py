@@ -277,3 +277,13 @@ def test_impossible_config_names_key():
     with pytest.raises(ValueError, match=r"INPUT\.SDCONET\.HFLIP_PROB"):
         check_sdconet_config(cfg)
     check_sdconet_config(make_cfg())  # defaults are valid
+
+
+def test_unwired_branches_are_refused():
+    from sdconet import check_sdconet_config
+
+    for key in ("SR", "SALIENCY"):
+        cfg = make_cfg()
+        cfg.MODEL.SDCONET.get(key).ENABLED = True
+        with pytest.raises(ValueError, match=rf"MODEL\.SDCONET\.{key}\.ENABLED"):
+            check_sdconet_config(cfg)

@@ -113,6 +113,45 @@ def add_sdconet_config(cfg):
     _C.MODEL.SDCONET.LOSS.FOCAL_ALPHA = 0.25
     _C.MODEL.SDCONET.LOSS.FOCAL_GAMMA = 2.0
 
+    # ---------------------------------------------------------------- SR branch
+    # Super-resolution decoder on the shared Swin (spec §3.2), see sdconet/modeling/sr_decoder.py.
+    _C.MODEL.SDCONET.SR = CN()
+    # Train the SR branch (training only; inference never runs it).
+    _C.MODEL.SDCONET.SR.ENABLED = False
+    # "x2_bilinear" (release: learned to LR/2, then bilinear to HR) or "full" (learned
+    # PixelShuffle upsampling all the way to HR, no bilinear; spec §3.2 ablation / bug 6).
+    _C.MODEL.SDCONET.SR.HEAD = "x2_bilinear"
+    # Swin blocks per decoder stage, deepest first (spec §3.2: 2, 6, 2, 2).
+    _C.MODEL.SDCONET.SR.DEPTHS = (2, 6, 2, 2)
+    # Attention heads per decoder stage; each must divide its width (8, 4, 2, 1 x the backbone
+    # embed dim). Spec §3.2: 6, 12, 6, 3 for Swin-T. Empty = derive width // 32 (tiny widths).
+    _C.MODEL.SDCONET.SR.NUM_HEADS = (6, 12, 6, 3)
+    # Attention window of the decoder blocks in tokens (spec §3.2: 8).
+    _C.MODEL.SDCONET.SR.WINDOW_SIZE = 8
+    # MLP hidden width / block width in the decoder blocks (spec §3.2: 2).
+    _C.MODEL.SDCONET.SR.MLP_RATIO = 2.0
+    # Stochastic depth, linearly increasing over the decoder blocks (spec §3.2: 0.1).
+    _C.MODEL.SDCONET.SR.DROP_PATH_RATE = 0.1
+    # Weight of the L1 loss against the normalised HR image (spec §4: 5.0).
+    _C.MODEL.SDCONET.SR.LOSS_WEIGHT = 5.0
+
+    # ---------------------------------------------------------------- saliency
+    # Multi-scale saliency predictor and its box-derived loss (spec §3.3), see sdconet/modeling/saliency.py.
+    _C.MODEL.SDCONET.SALIENCY = CN()
+    # Predict per-token saliency and train it with the soft-target focal loss.
+    _C.MODEL.SDCONET.SALIENCY.ENABLED = False
+    # Top-down mixing weights: "learnable" (Salience-DETR, U(-0.3, 0.3) init) or "fixed" (all 1.0,
+    # not trained: the release's gradient-routing "alpha ablation", spec §3.3 item 4).
+    _C.MODEL.SDCONET.SALIENCY.ALPHA = "learnable"
+    # Weight of the saliency loss (spec §3.3: 2.0).
+    _C.MODEL.SDCONET.SALIENCY.LOSS_WEIGHT = 2.0
+    # Focal weighting of the soft-target BCE (spec §3.3: 0.25 / 2).
+    _C.MODEL.SDCONET.SALIENCY.FOCAL_ALPHA = 0.25
+    _C.MODEL.SDCONET.SALIENCY.FOCAL_GAMMA = 2.0
+    # Per neck level (fine -> coarse), the (lo, hi] range of max(l, t, r, b) in HR pixels for which a
+    # token inside a box is positive (spec §3.3; 100000 stands for infinity).
+    _C.MODEL.SDCONET.SALIENCY.RANGES = ((-1, 64), (64, 128), (128, 256), (256, 100000))
+
     # ---------------------------------------------------------------- data
     # Input pixels are read as BGR like detectron2; mean/std below are ImageNet's, in BGR order.
     _C.MODEL.PIXEL_MEAN = [103.53, 116.28, 123.675]
@@ -164,6 +203,23 @@ def check_sdconet_config(cfg):
              f"must divide MODEL.SDCONET.NECK.OUT_CHANNELS={s.NECK.OUT_CHANNELS}")
     if not 0.0 <= s.DN.LABEL_NOISE <= 1.0:
         fail("MODEL.SDCONET.DN.LABEL_NOISE", s.DN.LABEL_NOISE, "must lie in [0, 1]")
+    if s.SR.HEAD not in ("x2_bilinear", "full"):
+        fail("MODEL.SDCONET.SR.HEAD", s.SR.HEAD, "must be x2_bilinear or full")
+    if len(s.SR.DEPTHS) != 4 or min(s.SR.DEPTHS) < 1:
+        fail("MODEL.SDCONET.SR.DEPTHS", tuple(s.SR.DEPTHS), "needs 4 stages of >= 1 block")
+    if len(s.SR.NUM_HEADS) not in (0, 4):
+        fail("MODEL.SDCONET.SR.NUM_HEADS", tuple(s.SR.NUM_HEADS), "needs 4 values (or none to derive)")
+    if s.SR.LOSS_WEIGHT < 0:
+        fail("MODEL.SDCONET.SR.LOSS_WEIGHT", s.SR.LOSS_WEIGHT, "must be >= 0")
+    if s.SALIENCY.ALPHA not in ("learnable", "fixed"):
+        fail("MODEL.SDCONET.SALIENCY.ALPHA", s.SALIENCY.ALPHA, "must be learnable or fixed")
+    # The SR decoder and saliency predictor exist as tested modules but are not wired into the
+    # SDCoNet meta-architecture yet; refuse rather than silently train without them.
+    for key in ("SR", "SALIENCY"):
+        if s.get(key).ENABLED:
+            fail(f"MODEL.SDCONET.{key}.ENABLED", True,
+                 "this branch is not wired into the SDCoNet meta-architecture yet (only its module and "
+                 "tests exist); the model would train without it")
     if cfg.SOLVER.OPTIMIZER not in ("ADAMW", "SGD"):
         fail("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, "must be ADAMW or SGD")
     for key in ("HFLIP_PROB", "VFLIP_PROB"):
