@@ -46,6 +46,10 @@ setup(
         "matplotlib",
         "tensorboard",
         "tabulate",
+        "rasterio>=1.3",
+        "onnx>=1.15",
+        "onnxruntime>=1.17",
+        "onnxscript",
     ],
     extras_require={"test": ["pytest>=7"]},
 )

@@ -3,7 +3,8 @@ from .config import add_sdconet_config, check_sdconet_config
 from .data.datasets import register_sdconet_datasets
 from .data.mapper import SDCoNetDatasetMapper
 from .modeling import SDCoNet
+from .inference import Predictor
 
 register_sdconet_datasets()
 
-__all__ = ["add_sdconet_config", "check_sdconet_config", "register_sdconet_datasets", "SDCoNetDatasetMapper", "SDCoNet"]
+__all__ = ["add_sdconet_config", "check_sdconet_config", "register_sdconet_datasets", "SDCoNetDatasetMapper", "SDCoNet", "Predictor"]

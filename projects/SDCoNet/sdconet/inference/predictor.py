@@ -1,0 +1,125 @@
+"""``Predictor``: a trained SDCoNet on single images and on scenes of any size (tiled).
+
+Memory of :meth:`Predictor.predict_large` is bounded by the tile batch: the scene stays a numpy
+array and only ``batch`` tiles at a time become tensors on the device.
+"""
+import logging
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from tqdm import tqdm
+
+from ..config import add_sdconet_config, check_sdconet_config
+from ..data.mapper import read_image_any
+from .tiling import merge_tile_detections, read_tile, tile_grid
+
+logger = logging.getLogger(__name__)
+ImageLike = Union[str, np.ndarray]
+
+
+def load_config(cfg_or_path: Union[CfgNode, str], opts: Sequence[str] = ()) -> CfgNode:
+    """A frozen SDCoNet config from a config object or a yaml path, with ``opts`` merged on top."""
+    if isinstance(cfg_or_path, CfgNode):
+        cfg = cfg_or_path.clone()
+        cfg.defrost()
+        add_sdconet_config(cfg)
+    else:
+        cfg = get_cfg()
+        add_sdconet_config(cfg)
+        cfg.merge_from_file(cfg_or_path)
+    cfg.merge_from_list(list(opts))
+    check_sdconet_config(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def _pick_device(requested: Optional[str], cfg: CfgNode) -> torch.device:
+    name = requested or cfg.MODEL.DEVICE
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("CUDA is not available: running on CPU")
+        name = "cpu"
+    return torch.device(name)
+
+
+def _as_image(image: ImageLike) -> np.ndarray:
+    if isinstance(image, str):
+        return read_image_any(image, format="BGR")
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 BGR array, got shape {image.shape} and dtype {image.dtype}")
+    return image
+
+
+class Predictor:
+    """Run SDCoNet on images given as file paths or HxWx3 uint8 BGR arrays.
+
+    Args:
+        cfg_or_path: a config (``CfgNode``) or the path of a yaml config.
+        weights: checkpoint path (or URL) loaded with ``DetectionCheckpointer``; ``None`` or ""
+            keeps the freshly initialised weights (tests, smoke runs).
+        device: "cpu", "cuda", "cuda:1"...; ``None`` = ``MODEL.DEVICE`` (CPU if CUDA is missing).
+        opts: extra config overrides, e.g. ``["MODEL.SDCONET.DEGRADE.TEST", "False"]``.
+        score_thresh: detections below it are dropped (default keeps all top-k detections).
+    """
+
+    def __init__(self, cfg_or_path, weights=None, device=None, opts=(), score_thresh: float = 0.0):
+        self.cfg = load_config(cfg_or_path, opts)
+        self.device = _pick_device(device, self.cfg)
+        self.model = build_model(self.cfg).to(self.device).eval()
+        if weights:
+            DetectionCheckpointer(self.model).load(weights)
+        self.score_thresh = float(score_thresh)
+
+    @torch.no_grad()
+    def _run(self, images: Sequence[torch.Tensor], score_thresh: float):
+        """Detections (boxes, scores, classes) on CPU, in each image's pixels, above the threshold."""
+        inputs = [{"image": im, "height": im.shape[1], "width": im.shape[2]} for im in images]
+        outputs = []
+        for out in self.model(inputs):
+            inst = out["instances"].to("cpu")
+            keep = inst.scores >= score_thresh
+            outputs.append((inst.pred_boxes.tensor[keep], inst.scores[keep], inst.pred_classes[keep]))
+        return outputs
+
+    def __call__(self, image: ImageLike) -> Instances:
+        """Detect on one image as a whole; returns ``Instances`` (pred_boxes, scores, pred_classes) in its pixels."""
+        image = _as_image(image)
+        boxes, scores, classes = self._run([torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))],
+                                          self.score_thresh)[0]
+        return _instances(image.shape[:2], boxes, scores, classes)
+
+    def predict_large(self, image: ImageLike, tile: int = 512, overlap: int = 128, batch: int = 4,
+                      nms_iou: Optional[float] = 0.5, score_thresh: Optional[float] = None,
+                      progress: bool = False) -> Instances:
+        """Sliding-window detection on a scene of any size (see :mod:`sdconet.inference.tiling`).
+
+        Tiles of ``tile`` px overlapping by ``overlap`` px (choose it larger than the largest object)
+        run ``batch`` at a time; boxes go back to scene pixels, each tile keeps those centred in
+        its core region, and boxes crossing a core border are merged with class-wise NMS at
+        ``nms_iou``. A scene no larger than one tile gives exactly ``self(image)``.
+        """
+        image = _as_image(image)
+        height, width = image.shape[:2]
+        tiles = tile_grid(height, width, tile, overlap)
+        thresh = self.score_thresh if score_thresh is None else float(score_thresh)
+        per_tile = []
+        with tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
+            for start in range(0, len(tiles), batch):
+                chunk = tiles[start:start + batch]
+                per_tile.extend(self._run([read_tile(image, t) for t in chunk], thresh))
+                bar.update(len(chunk))
+        boxes, scores, classes = merge_tile_detections(per_tile, tiles, nms_iou)
+        return _instances((height, width), boxes, scores, classes)
+
+
+def _instances(image_size, boxes, scores, classes) -> Instances:
+    inst = Instances(tuple(image_size))
+    inst.pred_boxes = Boxes(boxes)
+    inst.scores = scores
+    inst.pred_classes = classes
+    return inst

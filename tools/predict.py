@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Detect objects in images or large scenes (files, folders, globs) with a trained SDCoNet.
+
+Writes to --output:
+  results.json            COCO results (one entry per box: file_name, image_id, category_id, bbox xywh, score)
+  <name>.png              the detections drawn (on a downscaled copy for scenes larger than --draw-max-side)
+  <name>.geojson          box polygons: map coordinates + "crs" for georeferenced GeoTIFFs, pixels otherwise
+
+Without --degrade the images are taken as the real low-quality input (MODEL.SDCONET.DEGRADE.TEST False);
+with it they are treated as HR and degraded inside the model (the benchmark protocol).
+
+Example:
+  python tools/predict.py --config-file configs/quick_schedules/dino_tiny_synthetic.yaml \
+      --weights output/demo/model_final.pth scenes/ --output output/predictions --score-thresh 0.3 \
+      --opts MODEL.SDCONET.TRANSFORMER.NUM_DETECTIONS 100
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import cv2
+import numpy as np
+from detectron2.data import MetadataCatalog
+from detectron2.utils.visualizer import Visualizer
+from tqdm import tqdm
+
+import sdconet  # noqa: F401  (registers the model and datasets)
+from sdconet.data.mapper import read_image_any
+from sdconet.inference import Predictor
+from sdconet.inference.geo import detections_to_geojson, read_georeference
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--weights", default="", help="checkpoint; empty = untrained weights (smoke tests)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    parser.add_argument("--output", default="output/predictions")
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--overlap", type=int, default=128, help="pixels; choose more than the largest object")
+    parser.add_argument("--batch", type=int, default=4, help="tiles per forward pass")
+    parser.add_argument("--score-thresh", type=float, default=0.3)
+    parser.add_argument("--nms-iou", type=float, default=0.5)
+    parser.add_argument("--degrade", action="store_true", help="degrade the images x s inside the model (benchmark)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--draw-max-side", type=int, default=2048, help="larger scenes are drawn downscaled")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides KEY VALUE ... (last on the command line)")
+    return parser.parse_args(argv)
+
+
+def expand_inputs(inputs):
+    """Image files named by files, folders (not recursive) and glob patterns, sorted, without repeats."""
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            candidates = sorted(os.path.join(item, f) for f in os.listdir(item))
+        elif os.path.isfile(item):
+            candidates = [item]
+        else:
+            candidates = sorted(glob.glob(item))
+            if not candidates:
+                raise FileNotFoundError(f"no file matches {item!r}")
+        files += [f for f in candidates if os.path.isfile(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return list(dict.fromkeys(files))
+
+
+def class_names(cfg):
+    for name in cfg.DATASETS.TEST:
+        names = MetadataCatalog.get(name).get("thing_classes", None)
+        if names:
+            return list(names)
+    return [f"class_{i}" for i in range(cfg.MODEL.SDCONET.NUM_CLASSES)]
+
+
+def draw(image_bgr, instances, names, max_side):
+    """The detections drawn with detectron2's Visualizer on a copy at most ``max_side`` pixels wide/high."""
+    h, w = image_bgr.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    small = cv2.resize(image_bgr, (max(1, round(w * scale)), max(1, round(h * scale))),
+                       interpolation=cv2.INTER_AREA) if scale < 1 else image_bgr
+    viz = Visualizer(small[:, :, ::-1], metadata=None, scale=1.0)
+    boxes = instances.pred_boxes.tensor.numpy() * scale
+    labels = [f"{names[c] if c < len(names) else c} {s:.2f}"
+              for c, s in zip(instances.pred_classes.tolist(), instances.scores.tolist())]
+    out = viz.overlay_instances(boxes=boxes, labels=labels) if len(boxes) else viz.output
+    return out.get_image()[:, :, ::-1]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    opts = list(args.opts) + ["MODEL.SDCONET.DEGRADE.TEST", str(bool(args.degrade))]
+    predictor = Predictor(args.config_file, args.weights, device=args.device, opts=opts,
+                          score_thresh=args.score_thresh)
+    names = class_names(predictor.cfg)
+    files = expand_inputs(args.inputs)
+    if not files:
+        sys.exit("no image found in the inputs")
+    os.makedirs(args.output, exist_ok=True)
+    results = []
+    stems = {}
+    for image_id, path in enumerate(tqdm(files, desc="images", unit="image")):
+        image = read_image_any(path, format="BGR")
+        inst = predictor.predict_large(image, tile=args.tile, overlap=args.overlap, batch=args.batch,
+                                       nms_iou=args.nms_iou, progress=True)
+        boxes = inst.pred_boxes.tensor.numpy().astype(np.float64)
+        scores, classes = inst.scores.numpy(), inst.pred_classes.numpy()
+        for (x0, y0, x1, y1), score, cls in zip(boxes, scores, classes):
+            results.append({"file_name": path, "image_id": image_id, "category_id": int(cls) + 1,
+                            "category": names[int(cls)] if int(cls) < len(names) else str(int(cls)),
+                            "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+                            "score": round(float(score), 5)})
+        stem = os.path.splitext(os.path.basename(path))[0]
+        stems[stem] = stems.get(stem, 0) + 1
+        if stems[stem] > 1:  # same file name in two folders
+            stem = f"{stem}_{stems[stem]}"
+        cv2.imwrite(os.path.join(args.output, stem + ".png"), draw(image, inst, names, args.draw_max_side))
+        geo = read_georeference(path)
+        transform, crs = geo if geo is not None else (None, None)
+        collection = detections_to_geojson(boxes, scores, classes, names, transform, crs, image_file=path)
+        with open(os.path.join(args.output, stem + ".geojson"), "w") as f:
+            json.dump(collection, f)
+        del image
+    with open(os.path.join(args.output, "results.json"), "w") as f:
+        json.dump(results, f)
+    print(f"{len(results)} detections in {len(files)} image(s) written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
