@@ -151,3 +151,18 @@ def test_train_net_trains_resumes_and_evaluates(synthetic_root, tmp_path):
                         "OUTPUT_DIR", str(tmp_path / "eval"), "DATALOADER.NUM_WORKERS", "0", cwd=str(tmp_path), env=env)
     assert "Evaluation results for bbox" in log
     assert os.path.isfile(os.path.join(tmp_path, "eval", "inference", "synthetic_rs_test", "coco_instances_results.json"))
+
+
+def test_blur_and_noise_apply_at_scale_one():
+    """Scale 1 with noise must still degrade the input (not be skipped as 'no down-sampling')."""
+    cfg = load_cfg(TINY, ["MODEL.SDCONET.DEGRADE.SCALE", 1, "MODEL.SDCONET.DEGRADE.NOISE_STD", (20.0, 20.0)])
+    model = build_model(cfg).eval()
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    batch = [sample(64, 64, [], [])]
+    with torch.no_grad():
+        model(batch)
+        model.degrade_test = False
+        model(batch)
+    assert seen[0].shape == seen[1].shape == (1, 3, 64, 64)
+    assert (seen[0] - seen[1]).abs().mean() > 0.1  # noise of 20/~57 in normalised units was added

@@ -106,7 +106,9 @@ class SDCoNet(nn.Module):
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
         s = self.input_scale
-        lr = self.degradation(images.tensor) if s > 1 else images.tensor
+        # Degradation is its own identity at scale 1 without blur/noise; skipping it only when the
+        # test images are real low-quality input keeps blur/noise at scale 1 working.
+        lr = self.degradation(images.tensor) if (self.training or self.degrade_test) else images.tensor
         lr_sizes = [(-(-h // s), -(-w // s)) for h, w in images.image_sizes]
         _, levels, masks = self.extract_features(lr, lr_sizes)
 
