@@ -279,11 +279,29 @@ def test_impossible_config_names_key():
     check_sdconet_config(make_cfg())  # defaults are valid
 
 
-def test_unwired_branches_are_refused():
+@pytest.mark.parametrize("key, value, why", [
+    ("LEVEL_RATIOS", (0.4, 0.8, 1.0, 1.5), r"\(0, 1\]"),
+    ("LEVEL_RATIOS", (0.0, 0.8, 1.0, 1.0), r"\(0, 1\]"),
+    ("LEVEL_RATIOS", (0.4, 0.8, 1.0), "needs 4 values"),
+    ("LAYER_RATIOS", (1.0, 0.8), "needs 6 values"),
+])
+def test_impossible_selection_ratios_are_refused(key, value, why):
     from sdconet import check_sdconet_config
 
-    for key in ("SR", "SALIENCY"):
-        cfg = make_cfg()
-        cfg.MODEL.SDCONET.get(key).ENABLED = True
-        with pytest.raises(ValueError, match=rf"MODEL\.SDCONET\.{key}\.ENABLED"):
-            check_sdconet_config(cfg)
+    cfg = make_cfg()
+    cfg.MODEL.SDCONET.SALIENCY.ENABLED = True
+    cfg.MODEL.SDCONET.SALIENCY.get(key)  # the key exists
+    setattr(cfg.MODEL.SDCONET.SALIENCY, key, value)
+    with pytest.raises(ValueError, match=rf"MODEL\.SDCONET\.SALIENCY\.{key}.*{why}"):
+        check_sdconet_config(cfg)
+
+
+def test_sr_branch_needs_its_skip_features():
+    from sdconet import check_sdconet_config
+
+    cfg = make_cfg()
+    cfg.MODEL.SDCONET.SR.ENABLED = True
+    cfg.MODEL.SDCONET.SWIN.OUT_FEATURES = ("res4", "res5")
+    cfg.MODEL.SDCONET.NECK.NUM_EXTRA_LEVELS = 2
+    with pytest.raises(ValueError, match=r"MODEL\.SDCONET\.SWIN\.OUT_FEATURES.*res3"):
+        check_sdconet_config(cfg)

@@ -3,6 +3,13 @@
 
     python tools/benchmark.py --config-file configs/Baselines/dino_swin-t_lr_nwpu.yaml
     python tools/benchmark.py --config-file C --input-size 800 800 --device cuda --json out.json [opts ...]
+    python tools/benchmark.py --config-file configs/SDCoNet/sdconet_swin-t_nwpu.yaml \
+        --serial-config configs/Baselines/serial_sr_dino_swin-t_nwpu.yaml --selection-ablation
+
+``--serial-config`` adds the serial SR-then-detect baseline and prints its FLOPs and latency
+divided by the main config's (the paper's efficiency claim). ``--selection-ablation`` rebuilds
+the main config with every token-selection ratio at 1.0 (nothing dropped, as released) and
+prints encoder GFLOPs and encoder / whole-model latency of both.
 
 The model runs in eval mode under ``torch.no_grad()`` on one random uint8 BGR HR image; the
 model itself degrades it (MODEL.SDCONET.DEGRADE.SCALE) before the backbone, exactly as in
@@ -186,6 +193,7 @@ NEGLIGIBLE_OPS = {
     "aten::abs", "aten::tanh", "aten::softmax", "aten::sigmoid", "aten::gather", "aten::scatter",
     "aten::index", "aten::index_put_", "aten::bitwise_not", "aten::logical_not", "aten::linspace",
     "aten::arange", "aten::full_like", "aten::zeros_like", "aten::ones_like", "aten::repeat",
+    "aten::__or__", "aten::__and__", "aten::expand_as", "aten::scatter_", "aten::sort", "aten::argsort",
 }
 
 
@@ -194,6 +202,10 @@ def _quiet_tracing():
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning)
+
+
+# Deeper modules whose FLOPs are reported on their own (when the model has them).
+SUBMODULES = ("transformer.encoder", "transformer.decoder", "transformer.saliency", "sr_decoder", "sr_backbone")
 
 
 def count_gflops(model: nn.Module, image) -> Dict:
@@ -222,9 +234,11 @@ def count_gflops(model: nn.Module, image) -> Dict:
     # The tracing adapter wraps the detector as ``model``: strip that prefix.
     modules = {name: by_module.get(f"model.{name}", 0) / 1e9 for name, _ in model.named_children()}
     modules["(outside modules)"] = total / 1e9 - sum(modules.values())
+    parts = {name: by_module.get(f"model.{name}", 0) / 1e9 for name in SUBMODULES if by_module.get(f"model.{name}")}
     return {
         "total": total / 1e9,
         "by_module": modules,
+        "by_submodule": parts,
         "by_operator": {op: n / 1e9 for op, n in by_operator.most_common()},
         "uncounted_negligible": {op: n for op, n in sorted(unsupported.items()) if op in NEGLIGIBLE_OPS},
         "uncounted_unknown": {op: n for op, n in sorted(unsupported.items()) if op not in NEGLIGIBLE_OPS},
@@ -234,28 +248,64 @@ def count_gflops(model: nn.Module, image) -> Dict:
 # ----------------------------------------------------------------------------- latency
 
 
-def measure_latency(model: nn.Module, inputs, warmup: int = 3, iters: int = 10) -> Dict:
-    """Wall time of ``iters`` eval forwards after ``warmup`` untimed ones, in ms."""
+class ModuleTimer:
+    """Wall time spent inside one submodule's forward, through forward hooks (synchronising CUDA)."""
+
+    def __init__(self, module: nn.Module):
+        self.times: List[float] = []
+        self._start = 0.0
+        cuda = next(module.parameters()).device.type == "cuda"
+
+        def before(*_):
+            if cuda:
+                torch.cuda.synchronize()
+            self._start = time.perf_counter()
+
+        def after(*_):
+            if cuda:
+                torch.cuda.synchronize()
+            self.times.append((time.perf_counter() - self._start) * 1000.0)
+
+        self._handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def measure_latency(model: nn.Module, inputs, warmup: int = 3, iters: int = 10,
+                    submodule: Optional[str] = None) -> Dict:
+    """Wall time of ``iters`` eval forwards after ``warmup`` untimed ones, in ms; with
+    ``submodule`` (a dotted name), also the median time spent inside it (``submodule_median_ms``)."""
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     cuda = next(model.parameters()).device.type == "cuda"
     was_training = model.training
     model.eval()
+    timer = ModuleTimer(model.get_submodule(submodule)) if submodule else None
     times = []
-    with torch.no_grad():
-        for step in range(warmup + iters):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(inputs)
-            if cuda:
-                torch.cuda.synchronize()
-            if step >= warmup:
-                times.append((time.perf_counter() - start) * 1000.0)
-    model.train(was_training)
-    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
-            "min_ms": min(times), "max_ms": max(times), "warmup": warmup, "iters": iters,
-            "threads": torch.get_num_threads()}
+    try:
+        with torch.no_grad():
+            for step in range(warmup + iters):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(inputs)
+                if cuda:
+                    torch.cuda.synchronize()
+                if step >= warmup:
+                    times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        if timer:
+            timer.remove()
+        model.train(was_training)
+    result = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
+              "min_ms": min(times), "max_ms": max(times), "warmup": warmup, "iters": iters,
+              "threads": torch.get_num_threads()}
+    if timer:
+        result["submodule"] = submodule
+        result["submodule_median_ms"] = statistics.median(timer.times[-iters:])
+    return result
 
 
 # ----------------------------------------------------------------------------- report
@@ -349,6 +399,86 @@ def benchmark(config_file: str, opts=None, height: int = 512, width: int = 512, 
     return result
 
 
+# Overrides that switch token selection off: every level and layer keeps all tokens (the release).
+def no_selection_opts(config_file: str, opts=None) -> List[str]:
+    cfg = get_cfg()
+    sdconet.add_sdconet_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts or []))
+    sal = cfg.MODEL.SDCONET.SALIENCY
+    return list(opts or []) + ["MODEL.SDCONET.SALIENCY.LEVEL_RATIOS", str((1.0,) * len(sal.LEVEL_RATIOS)),
+                               "MODEL.SDCONET.SALIENCY.LAYER_RATIOS", str((1.0,) * len(sal.LAYER_RATIOS))]
+
+
+def selection_ablation(config_file: str, opts=None, height: int = 512, width: int = 512, device: str = "cpu",
+                       warmup: int = 3, iters: int = 10, seed: int = 0) -> Dict:
+    """Encoder GFLOPs and latency with the config's selection ratios vs all ratios 1.0.
+
+    The two models are timed alternately, one forward each in turn, so a change of machine load
+    affects both alike.
+    """
+    inputs = random_inputs(height, width, device, seed)
+    variants = {"selected": list(opts or []), "all_tokens": no_selection_opts(config_file, opts)}
+    models = {name: build_benchmark_model(config_file, o, device) for name, o in variants.items()}
+    result = {}
+    for name, model in models.items():
+        if model.transformer.saliency is None:
+            raise SystemExit("--selection-ablation needs MODEL.SDCONET.SALIENCY.ENABLED True in the config")
+        flops = count_gflops(model, inputs)
+        result[name] = {"encoder_gflops": flops["by_submodule"]["transformer.encoder"],
+                        "total_gflops": flops["total"], "latency": []}
+        measure_latency(model, inputs, warmup=warmup, iters=1)
+    for _ in range(iters):
+        for name, model in models.items():
+            result[name]["latency"].append(measure_latency(model, inputs, 0, 1, "transformer.encoder"))
+    for name in models:
+        runs = result[name].pop("latency")
+        result[name]["median_ms"] = statistics.median(r["median_ms"] for r in runs)
+        result[name]["encoder_median_ms"] = statistics.median(r["submodule_median_ms"] for r in runs)
+    sel, full = result["selected"], result["all_tokens"]
+    result["encoder_gflops_ratio"] = sel["encoder_gflops"] / full["encoder_gflops"]
+    result["encoder_latency_ratio"] = sel["encoder_median_ms"] / full["encoder_median_ms"]
+    result["latency_ratio"] = sel["median_ms"] / full["median_ms"]
+    result["iters"] = iters
+    return result
+
+
+def serial_comparison(main: Dict, serial_config: str, height: int, width: int, device: str,
+                      warmup: int, iters: int, seed: int) -> Dict:
+    """The serial baseline's figures and its cost divided by the main config's."""
+    serial = benchmark(serial_config, [], height, width, device, warmup, iters, seed)
+    return {
+        "config_file": serial_config,
+        "params_inference": serial["params"]["inference"],
+        "gflops": serial["gflops"]["total"],
+        "gflops_by_module": serial["gflops"]["by_module"],
+        "latency_median_ms": serial["latency"]["median_ms"],
+        "gflops_ratio": serial["gflops"]["total"] / main["gflops"]["total"],
+        "latency_ratio": serial["latency"]["median_ms"] / main["latency"]["median_ms"],
+    }
+
+
+def format_comparisons(result: Dict) -> str:
+    lines = []
+    serial = result.get("serial")
+    if serial:
+        lines += ["", f"serial baseline: {serial['config_file']}",
+                  f"  inference params {serial['params_inference'] / 1e6:.2f} M, GFLOPs {serial['gflops']:.2f}, "
+                  f"latency median {serial['latency_median_ms']:.1f} ms",
+                  f"  serial / this config: GFLOPs x{serial['gflops_ratio']:.2f}, latency x{serial['latency_ratio']:.2f}"]
+    sel = result.get("selection_ablation")
+    if sel:
+        a, b = sel["selected"], sel["all_tokens"]
+        lines += ["", f"token selection (this config's ratios) vs all ratios 1.0, {sel['iters']} alternating runs each:",
+                  f"  encoder GFLOPs {a['encoder_gflops']:.3f} vs {b['encoder_gflops']:.3f} "
+                  f"(x{sel['encoder_gflops_ratio']:.2f})",
+                  f"  encoder latency median {a['encoder_median_ms']:.1f} ms vs {b['encoder_median_ms']:.1f} ms "
+                  f"(x{sel['encoder_latency_ratio']:.2f})",
+                  f"  whole model: GFLOPs {a['total_gflops']:.2f} vs {b['total_gflops']:.2f}, latency median "
+                  f"{a['median_ms']:.1f} ms vs {b['median_ms']:.1f} ms (x{sel['latency_ratio']:.2f})"]
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
@@ -360,6 +490,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random input image")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
+    parser.add_argument("--serial-config", metavar="FILE",
+                        help="also measure this serial baseline and print its cost / this config's")
+    parser.add_argument("--selection-ablation", action="store_true",
+                        help="also compare encoder cost with all token-selection ratios at 1.0")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     return parser.parse_args(argv)
 
@@ -377,11 +511,17 @@ def main(argv=None) -> Dict:
     try:
         result = benchmark(args.config_file, args.opts, *args.input_size, device=args.device,
                            warmup=args.warmup, iters=args.iters, seed=args.seed)
+        if args.serial_config:
+            result["serial"] = serial_comparison(result, args.serial_config, *args.input_size, args.device,
+                                                 args.warmup, args.iters, args.seed)
+        if args.selection_ablation:
+            result["selection_ablation"] = selection_ablation(args.config_file, args.opts, *args.input_size,
+                                                              args.device, args.warmup, args.iters, args.seed)
     finally:
         torch.set_num_threads(previous_threads)  # main() may be called from other code (tests)
     result["command"] = "python tools/benchmark.py " + shlex.join(command_args)
     result["machine"] = machine
-    print(format_report(result))
+    print(format_report(result) + format_comparisons(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

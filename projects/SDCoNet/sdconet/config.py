@@ -151,6 +151,25 @@ def add_sdconet_config(cfg):
     # Per neck level (fine -> coarse), the (lo, hi] range of max(l, t, r, b) in HR pixels for which a
     # token inside a box is positive (spec §3.3; 100000 stands for infinity).
     _C.MODEL.SDCONET.SALIENCY.RANGES = ((-1, 64), (64, 128), (128, 256), (256, 100000))
+    # Token selection (spec §3.4). Per neck level, the fraction of valid tokens the encoder keeps,
+    # ranked by saliency (Salience-DETR: 0.4, 0.8, 1, 1; the release: all 1.0 = nothing dropped).
+    _C.MODEL.SDCONET.SALIENCY.LEVEL_RATIOS = (0.4, 0.8, 1.0, 1.0)
+    # Per encoder layer, the fraction of the kept tokens it updates (one value per ENC_LAYERS;
+    # Salience-DETR: 1, .8, .6, .6, .4, .2; the release: all 1.0).
+    _C.MODEL.SDCONET.SALIENCY.LAYER_RATIOS = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)
+    # Tokens that attend to each other in the pre-attention of every encoder layer (release: 100).
+    _C.MODEL.SDCONET.SALIENCY.TOPK_PRE_ATTENTION = 100
+    # Rank pre-attention tokens with the trained encoder class head (True, Salience-DETR) or with a
+    # separate Linear that never receives a gradient (False, the release's bug, spec §9 item 3).
+    _C.MODEL.SDCONET.SALIENCY.SHARED_SCORER = True
+
+    # ---------------------------------------------------------------- serial baseline
+    # SerialSRDetector (META_ARCHITECTURE): an SR network (own Swin + SR decoder) makes the SR
+    # image, a second Swin + the same DINO detects on it (spec §8.1, DINO_SR_TS / SA_DINO_SR_TS).
+    _C.MODEL.SDCONET.SERIAL = CN()
+    # Detach the SR image before detection (True: DINO_SR_TS, SR and detection trained apart;
+    # False: SA_DINO_SR_TS, detection gradients flow into the SR network).
+    _C.MODEL.SDCONET.SERIAL.DETACH = True
 
     # ---------------------------------------------------------------- data
     # Input pixels are read as BGR like detectron2; mean/std below are ImageNet's, in BGR order.
@@ -174,6 +193,34 @@ def add_sdconet_config(cfg):
     _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Clip the L2 norm of all gradients together (full model); <= 0 disables (spec §7: 0.1).
     _C.SOLVER.FULL_MODEL_CLIP_NORM = 0.1
+
+    # Gradient routing between the SR and detection tasks (spec §5), GradientRoutingTrainer.
+    _C.SOLVER.GRADIENT_ROUTING = CN()
+    # Iteration at which phase 2 starts. Before it (phase 1) the SR decoder is frozen and not run
+    # at all; 0 = SR from the first iteration (release: 16 of 52 epochs).
+    _C.SOLVER.GRADIENT_ROUTING.START_ITER = 0
+    # How the SR gradient meets the detection gradient on the shared parameters in phase 2:
+    # "sum" (the release: plain sum of the losses), "project" (PCGrad-style: remove from the SR
+    # gradient its component against the detection gradient; not in the release) or "stop"
+    # (the SR gradient never reaches the shared parameters; only the SR decoder learns from it).
+    _C.SOLVER.GRADIENT_ROUTING.MODE = "sum"
+    # Where "project" measures the conflict: "per_tensor" (each shared parameter tensor on its
+    # own) or "global" (all shared parameters as one vector).
+    _C.SOLVER.GRADIENT_ROUTING.PROJECTION = "per_tensor"
+    # Log the cosine similarity / conflict fraction of the two gradients every this many
+    # iterations (needs the two backward passes, which "sum" otherwise merges); 0 = never.
+    _C.SOLVER.GRADIENT_ROUTING.LOG_PERIOD = 20
+
+    # Mixed precision (detectron2's SOLVER.AMP.ENABLED switches it on): the autocast dtype.
+    # "bfloat16" (CPU and CUDA, no loss scaling) or "float16" (CUDA only, with a GradScaler).
+    _C.SOLVER.AMP.DTYPE = "bfloat16"
+
+    # Exponential moving average of the weights, kept in checkpoints; evaluation uses it.
+    _C.SOLVER.EMA = CN()
+    # Keep an EMA copy of the weights.
+    _C.SOLVER.EMA.ENABLED = False
+    # EMA decay per iteration (0.9998 in recent DETR recipes; smaller for short runs).
+    _C.SOLVER.EMA.DECAY = 0.9998
     return cfg
 
 
@@ -213,13 +260,36 @@ def check_sdconet_config(cfg):
         fail("MODEL.SDCONET.SR.LOSS_WEIGHT", s.SR.LOSS_WEIGHT, "must be >= 0")
     if s.SALIENCY.ALPHA not in ("learnable", "fixed"):
         fail("MODEL.SDCONET.SALIENCY.ALPHA", s.SALIENCY.ALPHA, "must be learnable or fixed")
-    # The SR decoder and saliency predictor exist as tested modules but are not wired into the
-    # SDCoNet meta-architecture yet; refuse rather than silently train without them.
-    for key in ("SR", "SALIENCY"):
-        if s.get(key).ENABLED:
-            fail(f"MODEL.SDCONET.{key}.ENABLED", True,
-                 "this branch is not wired into the SDCoNet meta-architecture yet (only its module and "
-                 "tests exist); the model would train without it")
+    num_levels = len(s.SWIN.OUT_FEATURES) + s.NECK.NUM_EXTRA_LEVELS
+    sal = s.SALIENCY
+    checked = (("LEVEL_RATIOS", num_levels), ("LAYER_RATIOS", s.TRANSFORMER.ENC_LAYERS)) if sal.ENABLED else ()
+    for key, expected in checked:
+        ratios = tuple(sal.get(key))
+        if len(ratios) != expected:
+            fail(f"MODEL.SDCONET.SALIENCY.{key}", ratios, f"needs {expected} values "
+                 f"({'neck levels' if key == 'LEVEL_RATIOS' else 'MODEL.SDCONET.TRANSFORMER.ENC_LAYERS'})")
+        if any(not 0.0 < r <= 1.0 for r in ratios):
+            fail(f"MODEL.SDCONET.SALIENCY.{key}", ratios, "every ratio must lie in (0, 1]")
+    if sal.ENABLED and len(sal.RANGES) != num_levels:
+        fail("MODEL.SDCONET.SALIENCY.RANGES", tuple(sal.RANGES), f"needs one (lo, hi] range per neck level ({num_levels})")
+    if sal.TOPK_PRE_ATTENTION < 1:
+        fail("MODEL.SDCONET.SALIENCY.TOPK_PRE_ATTENTION", sal.TOPK_PRE_ATTENTION, "must be >= 1")
+    if s.SR.ENABLED or cfg.MODEL.META_ARCHITECTURE == "SerialSRDetector":
+        missing = [f for f in ("res3", "res4", "res5") if f not in s.SWIN.OUT_FEATURES]
+        if missing:
+            fail("MODEL.SDCONET.SWIN.OUT_FEATURES", tuple(s.SWIN.OUT_FEATURES),
+                 f"the SR decoder needs skips from res3, res4 and res5 (missing {missing})")
+    gr = cfg.SOLVER.GRADIENT_ROUTING
+    if gr.MODE not in ("sum", "project", "stop"):
+        fail("SOLVER.GRADIENT_ROUTING.MODE", gr.MODE, "must be sum, project or stop")
+    if gr.PROJECTION not in ("per_tensor", "global"):
+        fail("SOLVER.GRADIENT_ROUTING.PROJECTION", gr.PROJECTION, "must be per_tensor or global")
+    if not 0 <= gr.START_ITER:
+        fail("SOLVER.GRADIENT_ROUTING.START_ITER", gr.START_ITER, "must be >= 0")
+    if cfg.SOLVER.AMP.DTYPE not in ("bfloat16", "float16"):
+        fail("SOLVER.AMP.DTYPE", cfg.SOLVER.AMP.DTYPE, "must be bfloat16 or float16")
+    if not 0.0 < cfg.SOLVER.EMA.DECAY < 1.0:
+        fail("SOLVER.EMA.DECAY", cfg.SOLVER.EMA.DECAY, "must lie in (0, 1)")
     if cfg.SOLVER.OPTIMIZER not in ("ADAMW", "SGD"):
         fail("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, "must be ADAMW or SGD")
     for key in ("HFLIP_PROB", "VFLIP_PROB"):

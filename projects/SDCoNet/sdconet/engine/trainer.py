@@ -14,16 +14,18 @@ logger = logging.getLogger(__name__)
 
 
 def build_param_groups(model: torch.nn.Module, base_lr: float, weight_decay: float, backbone_multiplier: float):
-    """Two parameter groups: the backbone at ``base_lr * backbone_multiplier``, the rest at ``base_lr``.
+    """Two parameter groups: the Swin encoders at ``base_lr * backbone_multiplier``, the rest at ``base_lr``.
 
-    Frozen parameters are left out. (detectron2 0.6's ``get_default_optimizer_params`` has no
-    per-name LR factor.)
+    Swin encoders are the top-level modules whose name ends in ``backbone`` (``backbone``, and the
+    serial baseline's ``sr_backbone``), also under a DDP ``module.`` prefix. Frozen parameters are
+    left out. (detectron2 0.6's ``get_default_optimizer_params`` has no per-name LR factor.)
     """
     backbone, rest = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (backbone if name.startswith("backbone.") or ".backbone." in name else rest).append(param)
+        top = name.removeprefix("module.").split(".")[0]
+        (backbone if top.endswith("backbone") else rest).append(param)
     groups = [{"params": rest, "lr": base_lr, "weight_decay": weight_decay}]
     if backbone:
         groups.append({"params": backbone, "lr": base_lr * backbone_multiplier, "weight_decay": weight_decay})

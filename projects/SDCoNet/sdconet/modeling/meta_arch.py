@@ -1,8 +1,15 @@
 """The ``SDCoNet`` meta-architecture: normalise, pad, degrade, Swin, neck, DINO transformer, losses.
 
-With the SR branch and saliency switched off this is the paper's "DINO on low-resolution
-input" baseline. Boxes in and out are in the coordinates of the image the user gave.
+Training adds two branches on the shared Swin: the SR decoder (``loss_sr``, spec §3.2) and the
+saliency predictor that drives token selection (``loss_saliency``, spec §3.3-§3.4). Inference
+runs detection only. With both branches off this is the paper's "DINO on low-resolution input"
+baseline. Boxes in and out are in the coordinates of the image the user gave.
+
+Losses are grouped by task through their names: keys in :data:`SR_LOSS_KEYS` are the SR task,
+every other ``loss_*`` is detection (the gradient-routing trainer splits the backward on this).
 """
+from typing import Dict
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -16,7 +23,37 @@ from .criterion import DINOCriterion
 from .degradation import Degradation
 from .matcher import HungarianMatcher
 from .neck import build_neck
+from .saliency import flatten_levels, saliency_loss, saliency_targets
+from .sr_decoder import SRDecoder
 from .transformer.dino_transformer import DINOTransformer
+
+# Loss names that belong to the SR task; all other losses are detection (+ saliency).
+SR_LOSS_KEYS = ("loss_sr",)
+
+
+def build_dino_transformer(cfg, num_levels: int) -> DINOTransformer:
+    """The DINO transformer of ``cfg`` (with saliency-driven selection when SALIENCY.ENABLED)."""
+    s = cfg.MODEL.SDCONET
+    t, sal = s.TRANSFORMER, s.SALIENCY
+    return DINOTransformer(
+        num_classes=s.NUM_CLASSES, embed_dim=s.NECK.OUT_CHANNELS, num_heads=t.NUM_HEADS,
+        num_levels=num_levels, num_points=t.NUM_POINTS,
+        enc_layers=t.ENC_LAYERS, dec_layers=t.DEC_LAYERS, ffn_dim=t.FFN_DIM, dropout=t.DROPOUT,
+        num_queries=t.NUM_QUERIES, pos_temperature=t.POS_TEMPERATURE,
+        dn_num_queries=s.DN.NUM_QUERIES, dn_label_noise=s.DN.LABEL_NOISE, dn_box_noise=s.DN.BOX_NOISE,
+        saliency_alpha=sal.ALPHA if sal.ENABLED else None, level_ratios=tuple(sal.LEVEL_RATIOS),
+        layer_ratios=tuple(sal.LAYER_RATIOS), topk_sa=sal.TOPK_PRE_ATTENTION, shared_scorer=sal.SHARED_SCORER)
+
+
+def build_dino_criterion(cfg) -> DINOCriterion:
+    s = cfg.MODEL.SDCONET
+    m, lo = s.MATCHER, s.LOSS
+    matcher = HungarianMatcher(cost_class=m.COST_CLASS, cost_bbox=m.COST_BBOX, cost_giou=m.COST_GIOU,
+                               focal_alpha=lo.FOCAL_ALPHA, focal_gamma=lo.FOCAL_GAMMA)
+    return DINOCriterion(
+        num_classes=s.NUM_CLASSES, matcher=matcher,
+        weight_dict={"loss_class": lo.CLASS_WEIGHT, "loss_bbox": lo.BBOX_WEIGHT, "loss_giou": lo.GIOU_WEIGHT},
+        focal_alpha=lo.FOCAL_ALPHA, focal_gamma=lo.FOCAL_GAMMA)
 
 
 @META_ARCH_REGISTRY.register()
@@ -25,8 +62,20 @@ class SDCoNet(nn.Module):
 
     @configurable
     def __init__(self, *, backbone, neck, transformer, criterion, degradation, in_features,
-                 pixel_mean, pixel_std, num_detections=300, degrade_test=True):
+                 pixel_mean, pixel_std, num_detections=300, degrade_test=True, sr_decoder=None,
+                 sr_loss_weight=5.0, saliency_loss_weight=2.0, saliency_ranges=None, saliency_focal=(0.25, 2.0)):
         super().__init__()
+        # Training-only SR branch; ``sr_active`` False skips it entirely (gradient-routing phase 1).
+        self.sr_decoder = sr_decoder
+        self.sr_loss_weight = sr_loss_weight
+        self.sr_active = True
+        # Evaluation extras, off by default: add "sr"/"lr" images and per-level "saliency" maps
+        # to each output dict (for the SR quality evaluator and the picture tools).
+        self.return_sr = False
+        self.return_saliency = False
+        self.saliency_loss_weight = saliency_loss_weight
+        self.saliency_ranges = tuple(tuple(float(v) for v in r) for r in saliency_ranges) if saliency_ranges else None
+        self.saliency_focal = saliency_focal
         self.backbone = backbone
         self.neck = neck
         self.transformer = transformer
@@ -45,25 +94,17 @@ class SDCoNet(nn.Module):
         in_features = list(s.SWIN.OUT_FEATURES)
         shapes = backbone.output_shape()
         neck = build_neck(cfg, [shapes[f] for f in in_features])
-        t = s.TRANSFORMER
-        transformer = DINOTransformer(
-            num_classes=s.NUM_CLASSES, embed_dim=s.NECK.OUT_CHANNELS, num_heads=t.NUM_HEADS,
-            num_levels=len(in_features) + s.NECK.NUM_EXTRA_LEVELS, num_points=t.NUM_POINTS,
-            enc_layers=t.ENC_LAYERS, dec_layers=t.DEC_LAYERS, ffn_dim=t.FFN_DIM, dropout=t.DROPOUT,
-            num_queries=t.NUM_QUERIES, pos_temperature=t.POS_TEMPERATURE,
-            dn_num_queries=s.DN.NUM_QUERIES, dn_label_noise=s.DN.LABEL_NOISE, dn_box_noise=s.DN.BOX_NOISE)
-        m, lo = s.MATCHER, s.LOSS
-        matcher = HungarianMatcher(cost_class=m.COST_CLASS, cost_bbox=m.COST_BBOX, cost_giou=m.COST_GIOU,
-                                   focal_alpha=lo.FOCAL_ALPHA, focal_gamma=lo.FOCAL_GAMMA)
-        criterion = DINOCriterion(
-            num_classes=s.NUM_CLASSES, matcher=matcher,
-            weight_dict={"loss_class": lo.CLASS_WEIGHT, "loss_bbox": lo.BBOX_WEIGHT, "loss_giou": lo.GIOU_WEIGHT},
-            focal_alpha=lo.FOCAL_ALPHA, focal_gamma=lo.FOCAL_GAMMA)
+        sr_decoder = SRDecoder.from_config(cfg, shapes["patch_embed"].channels) if s.SR.ENABLED else None
         return {
-            "backbone": backbone, "neck": neck, "transformer": transformer, "criterion": criterion,
+            "backbone": backbone, "neck": neck,
+            "transformer": build_dino_transformer(cfg, len(in_features) + s.NECK.NUM_EXTRA_LEVELS),
+            "criterion": build_dino_criterion(cfg),
             "degradation": Degradation.from_config(cfg), "in_features": in_features,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
-            "num_detections": t.NUM_DETECTIONS, "degrade_test": s.DEGRADE.TEST,
+            "num_detections": s.TRANSFORMER.NUM_DETECTIONS, "degrade_test": s.DEGRADE.TEST,
+            "sr_decoder": sr_decoder, "sr_loss_weight": s.SR.LOSS_WEIGHT,
+            "saliency_loss_weight": s.SALIENCY.LOSS_WEIGHT, "saliency_ranges": s.SALIENCY.RANGES,
+            "saliency_focal": (s.SALIENCY.FOCAL_ALPHA, s.SALIENCY.FOCAL_GAMMA),
         }
 
     @property
@@ -92,37 +133,97 @@ class SDCoNet(nn.Module):
             targets.append({"labels": inst.gt_classes, "boxes": boxes})
         return targets
 
-    def extract_features(self, lr: torch.Tensor, lr_sizes):
+    @staticmethod
+    def padding_mask(batch: torch.Tensor, sizes) -> torch.Tensor:
+        """(B, H, W) bool, True outside each image's (h, w) in the padded batch."""
+        mask = torch.ones(batch.shape[0], batch.shape[2], batch.shape[3], dtype=torch.bool, device=batch.device)
+        for i, (h, w) in enumerate(sizes):
+            mask[i, :h, :w] = False
+        return mask
+
+    def extract_features(self, lr: torch.Tensor, lr_sizes, backbone=None):
         """Backbone + neck on the LR batch; returns (backbone dict, neck levels, padding masks)."""
-        feats = self.backbone(lr)
+        feats = (backbone or self.backbone)(lr)
         levels = self.neck([feats[f] for f in self.in_features])
-        pad_mask = torch.ones(lr.shape[0], lr.shape[2], lr.shape[3], dtype=torch.bool, device=lr.device)
-        for i, (h, w) in enumerate(lr_sizes):
-            pad_mask[i, :h, :w] = False
+        pad_mask = self.padding_mask(lr, lr_sizes)
         masks = [F.interpolate(pad_mask[None].float(), size=lvl.shape[-2:])[0].bool() for lvl in levels]
         return feats, levels, masks
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, batched_inputs):
-        images = self.preprocess_image(batched_inputs)
+    def degrade(self, images: ImageList):
+        """The LR batch the detector sees and each image's LR size."""
         s = self.input_scale
         # Degradation is its own identity at scale 1 without blur/noise; skipping it only when the
         # test images are real low-quality input keeps blur/noise at scale 1 working.
         lr = self.degradation(images.tensor) if (self.training or self.degrade_test) else images.tensor
-        lr_sizes = [(-(-h // s), -(-w // s)) for h, w in images.image_sizes]
-        _, levels, masks = self.extract_features(lr, lr_sizes)
+        return lr, [(-(-h // s), -(-w // s)) for h, w in images.image_sizes]
+
+    # ------------------------------------------------------------------ auxiliary losses
+    def sr_loss(self, sr: torch.Tensor, images: ImageList) -> Dict[str, torch.Tensor]:
+        """Weighted L1 of the SR image against the normalised HR batch, padding excluded."""
+        valid = ~self.padding_mask(images.tensor, images.image_sizes)
+        return {"loss_sr": self.sr_loss_weight * SRDecoder.loss(sr, images.tensor, valid)}
+
+    def saliency_loss(self, outputs, batched_inputs, images: ImageList) -> Dict[str, torch.Tensor]:
+        """Focal BCE of the per-level saliency logits against box-derived soft targets (spec §3.3)."""
+        logits = outputs["saliency"].logits
+        hr_h, hr_w = images.tensor.shape[-2:]
+        strides = [(hr_h / h, hr_w / w) for h, w in outputs["spatial_shapes"]]
+        boxes = [x["instances"].gt_boxes.tensor.to(self.device) for x in batched_inputs]
+        kwargs = {"ranges": self.saliency_ranges} if self.saliency_ranges else {}
+        targets = saliency_targets(boxes, images.image_sizes, outputs["spatial_shapes"], strides, **kwargs)
+        alpha, gamma = self.saliency_focal
+        loss = saliency_loss(flatten_levels(logits).float(), flatten_levels(targets), alpha=alpha, gamma=gamma)
+        return {"loss_saliency": self.saliency_loss_weight * loss}
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def runs_sr(self) -> bool:
+        """Whether this forward computes the SR image."""
+        if self.sr_decoder is None:
+            return False
+        return self.sr_active if self.training else self.return_sr
+
+    def forward(self, batched_inputs):
+        images = self.preprocess_image(batched_inputs)
+        lr, lr_sizes = self.degrade(images)
+        feats, levels, masks = self.extract_features(lr, lr_sizes)
+        sr = self.sr_decoder(feats, images.tensor.shape[-2:]) if self.runs_sr else None
 
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)
             outputs = self.transformer(levels, masks, targets)
-            return self.criterion(outputs, targets)
+            losses = self.criterion(outputs, targets)
+            if outputs["saliency"] is not None:
+                losses.update(self.saliency_loss(outputs, batched_inputs, images))
+            if sr is not None:
+                losses.update(self.sr_loss(sr, images))
+            return losses
 
         outputs = self.transformer(levels, masks, None)
+        return self.postprocess(outputs, batched_inputs, images, lr, lr_sizes, sr)
+
+    def postprocess(self, outputs, batched_inputs, images: ImageList, lr, lr_sizes, sr=None):
+        """Detections in input-image pixels, plus the SR / saliency extras when asked for."""
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
-        return [
-            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
-            for r, x, size in zip(results, batched_inputs, images.image_sizes)
-        ]
+        processed = []
+        for i, (r, x, size) in enumerate(zip(results, batched_inputs, images.image_sizes)):
+            out_h, out_w = x.get("height", size[0]), x.get("width", size[1])
+            out = {"instances": detector_postprocess(r, out_h, out_w)}
+            if sr is not None:
+                out["sr"] = self.to_pixels(sr[i, :, : size[0], : size[1]])
+                out["lr"] = self.to_pixels(lr[i, :, : lr_sizes[i][0], : lr_sizes[i][1]])
+            if self.return_saliency and outputs.get("saliency") is not None:
+                # Per level (h_l, w_l) probabilities over the padded LR grid, cropped to the image.
+                out["saliency"] = [
+                    lvl[i, : -(-lr_sizes[i][0] * lvl.shape[1] // lr.shape[-2]),
+                        : -(-lr_sizes[i][1] * lvl.shape[2] // lr.shape[-1])].sigmoid()
+                    for lvl in outputs["saliency"].logits]
+            processed.append(out)
+        return processed
+
+    def to_pixels(self, normalised: torch.Tensor) -> torch.Tensor:
+        """Undo the mean/std normalisation: (3, H, W) float in the input's 0-255 BGR space."""
+        return (normalised.float() * self.pixel_std + self.pixel_mean).clamp(0, 255)
 
     def inference(self, logits, boxes, image_sizes):
         """Top-k (query, class) pairs per image -> ``Instances`` in input-image pixels."""

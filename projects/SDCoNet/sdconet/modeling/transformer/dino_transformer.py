@@ -12,8 +12,16 @@ from torch import nn
 
 from .denoising import ContrastiveDenoising, inverse_sigmoid
 from .encoder import DeformableEncoder, FeedForward
+from ..saliency import SaliencyPredictor, flatten_levels
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import PositionEmbeddingSine, box_sine_embedding
+from .salient_encoder import SalientDeformableEncoder
+
+
+def _xavier_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class MLP(nn.Module):
@@ -107,12 +115,20 @@ class DINOTransformer(nn.Module):
     ``forward`` returns sigmoid logits and normalised cxcywh boxes (relative to each image's
     unpadded size) for the last decoder layer, the auxiliary layers, the selected encoder
     proposals and, in training with targets, the denoising queries.
+
+    With ``saliency_alpha`` set ("learnable" or "fixed"), a multi-scale saliency predictor scores
+    the neck tokens (spec §3.3) and the encoder updates only the selected ones (spec §3.4);
+    the outputs then also hold the per-level saliency logits and the token selection.
+    ``shared_scorer=False`` ranks pre-attention tokens with a separate, never-trained Linear as
+    the release does (spec §9 item 3); by default the trained encoder class head ranks them.
     """
 
     def __init__(self, num_classes: int, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4,
                  num_points: int = 4, enc_layers: int = 6, dec_layers: int = 6, ffn_dim: int = 2048,
                  dropout: float = 0.0, num_queries: int = 300, pos_temperature: float = 20,
-                 dn_num_queries: int = 100, dn_label_noise: float = 0.5, dn_box_noise: float = 1.0):
+                 dn_num_queries: int = 100, dn_label_noise: float = 0.5, dn_box_noise: float = 1.0,
+                 saliency_alpha: Optional[str] = None, level_ratios=(0.4, 0.8, 1.0, 1.0),
+                 layer_ratios=(1.0, 0.8, 0.6, 0.6, 0.4, 0.2), topk_sa: int = 100, shared_scorer: bool = True):
         super().__init__()
         if embed_dim % 2:
             raise ValueError(f"embed_dim must be even for the sine position encoding, got {embed_dim}")
@@ -125,7 +141,19 @@ class DINOTransformer(nn.Module):
 
         self.position_encoding = PositionEmbeddingSine(embed_dim // 2, temperature=pos_temperature, normalize=True)
         self.level_embed = nn.Parameter(torch.empty(num_levels, embed_dim))
-        self.encoder = DeformableEncoder(enc_layers, embed_dim=embed_dim, **layer_kwargs)
+        self.saliency = None
+        if saliency_alpha is None:
+            self.encoder = DeformableEncoder(enc_layers, embed_dim=embed_dim, **layer_kwargs)
+        else:
+            self.saliency = SaliencyPredictor(embed_dim, num_levels, alpha=saliency_alpha)
+            self.encoder = SalientDeformableEncoder(enc_layers, embed_dim, level_ratios=level_ratios,
+                                                    layer_ratios=layer_ratios, topk_sa=topk_sa, **layer_kwargs)
+        self.unshared_scorer = None
+        if saliency_alpha is not None and not shared_scorer:
+            # The release's pre-attention scorer: a fresh Linear used only through a top-k, so it
+            # never gets a gradient. Frozen, so optimisers and DDP do not wait for one.
+            self.unshared_scorer = nn.Linear(embed_dim, num_classes)
+            self.unshared_scorer.requires_grad_(False)
         # Two-stage: encoder tokens -> proposal features, scored by the last (encoder) heads.
         self.memory_proj = nn.Linear(embed_dim, embed_dim)
         self.memory_norm = nn.LayerNorm(embed_dim)
@@ -145,6 +173,10 @@ class DINOTransformer(nn.Module):
         for module in self.modules():
             if isinstance(module, MSDeformAttn):
                 module.reset_parameters()
+        if self.saliency is not None:
+            self.saliency.mask_predictor.apply(_xavier_linear)
+            nn.init.uniform_(self.encoder.background_embedding.row.weight)
+            nn.init.uniform_(self.encoder.background_embedding.col.weight)
         nn.init.xavier_uniform_(self.memory_proj.weight)
         nn.init.zeros_(self.memory_proj.bias)
         nn.init.xavier_uniform_(self.query_embedding.weight)
@@ -211,7 +243,17 @@ class DINOTransformer(nn.Module):
     def forward(self, features: List[torch.Tensor], masks: List[torch.Tensor],
                 targets: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict:
         src, pos, padding, shapes, valid_ratios = self.flatten_inputs(features, masks)
-        memory = self.encoder(src, pos, shapes, valid_ratios, padding)
+        saliency, selection = None, None
+        if self.saliency is None:
+            memory = self.encoder(src, pos, shapes, valid_ratios, padding)
+        else:
+            # Saliency reads LN(Linear(feat + pos)) through the same projection as the proposals.
+            sizes = [h * w for h, w in shapes]
+            level_tokens = self.encoder_proposals(src + pos, padding, shapes, valid_ratios)[0].split(sizes, 1)
+            saliency = self.saliency(level_tokens, shapes, padding.split(sizes, 1))
+            scorer = self.encoder_class_head if self.unshared_scorer is None else self.unshared_scorer
+            memory, selection = self.encoder(src, pos, shapes, valid_ratios, padding,
+                                             flatten_levels(saliency.scores), scorer)
 
         # Mixed query selection: positions from the best encoder tokens, content learned.
         proposal_features, proposals, usable = self.encoder_proposals(memory, padding, shapes, valid_ratios)
@@ -253,4 +295,7 @@ class DINOTransformer(nn.Module):
             "enc_outputs": enc_outputs,
             "dn_outputs": dn_outputs,
             "dn_meta": dn_meta,
+            "saliency": saliency,
+            "token_selection": selection,
+            "spatial_shapes": shapes,
         }

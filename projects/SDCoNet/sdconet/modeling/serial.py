@@ -1,0 +1,57 @@
+"""``SerialSRDetector``: the serial SR-then-detect baseline SDCoNet is compared against (spec §8.1, §8.3).
+
+An SR network (its own Swin encoder + the SR decoder) turns the LR input into an HR-sized image;
+a second Swin + the same neck and DINO transformer detect on that image. Unlike SDCoNet, the SR
+network runs at inference too, and the detector works at HR resolution (4x the tokens at x2),
+which is where the paper's "5x fewer FLOPs" comparison comes from.
+
+``MODEL.SDCONET.SERIAL.DETACH`` picks between the two released variants (spec §9 item 11):
+True = DINO_SR_TS (SR image detached: SR and detection trained apart), False = SA_DINO_SR_TS
+(detection gradients reach the SR network).
+"""
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+
+from .meta_arch import SDCoNet
+from .sr_decoder import SRDecoder
+
+
+@META_ARCH_REGISTRY.register()
+class SerialSRDetector(SDCoNet):
+    """SR network on the LR input, then a separate Swin + DINO on the SR image."""
+
+    @configurable
+    def __init__(self, *, sr_backbone, detach: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if self.sr_decoder is None:
+            raise ValueError("SerialSRDetector needs an SR decoder")
+        self.sr_backbone = sr_backbone
+        self.detach = detach
+
+    @classmethod
+    def from_config(cls, cfg):
+        args = super().from_config(cfg)
+        sr_backbone = build_backbone(cfg)
+        args["sr_backbone"] = sr_backbone
+        args["sr_decoder"] = SRDecoder.from_config(cfg, sr_backbone.output_shape()["patch_embed"].channels)
+        args["detach"] = cfg.MODEL.SDCONET.SERIAL.DETACH
+        return args
+
+    def forward(self, batched_inputs):
+        images = self.preprocess_image(batched_inputs)
+        lr, lr_sizes = self.degrade(images)
+        sr = self.sr_decoder(self.sr_backbone(lr), images.tensor.shape[-2:])
+        detector_input = sr.detach() if self.detach else sr
+        _, levels, masks = self.extract_features(detector_input, images.image_sizes)
+
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images)
+            outputs = self.transformer(levels, masks, targets)
+            losses = self.criterion(outputs, targets)
+            if outputs["saliency"] is not None:
+                losses.update(self.saliency_loss(outputs, batched_inputs, images))
+            losses.update(self.sr_loss(sr, images))
+            return losses
+
+        outputs = self.transformer(levels, masks, None)
+        return self.postprocess(outputs, batched_inputs, images, lr, lr_sizes, sr if self.return_sr else None)

@@ -1,0 +1,176 @@
+"""Saliency-driven token selection in the deformable encoder (spec §3.4, Salience-DETR design).
+
+Only the tokens that the saliency predictor ranks highest are updated, so the encoder's cost
+scales with the number of *selected* tokens, not with the image size:
+
+1. level filter: on level l keep the top ``floor(valid_l * level_ratio_l)`` tokens by saliency;
+   the kept tokens of all levels are sorted by score, best first;
+2. layer filter: encoder layer i updates only the first ``floor(N_sel * layer_ratio_i)`` of them;
+3. in each layer, a pre-attention (Focus-DETR "dual attention") lets the ``topk_sa`` best of
+   those tokens attend to each other, then deformable attention samples the *original* neck
+   features (the value is never updated), then the FFN;
+4. unselected (background) tokens keep their neck features plus a learned background embedding.
+
+All ratios 1.0 reproduce the release, which selects nothing away (spec §9 item 2).
+"""
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .encoder import DeformableEncoderLayer, encoder_reference_points
+from .ms_deform_attn import SpatialShapes, as_int_shapes
+
+
+class TokenSelection(NamedTuple):
+    """Selected token indices into the flattened memory, best first.
+
+    ``indices`` (B, K): the same K for every image, per level the batch maximum of
+    ``floor(valid * ratio)`` (as in Salience-DETR), so an image with more padding than another
+    fills its quota with padded tokens; those are never written back.
+    ``per_level`` and ``per_layer``: the K split by level and the prefix length of every layer.
+    """
+
+    indices: torch.Tensor
+    per_level: List[int]
+    per_layer: List[int]
+
+
+def select_salient_tokens(scores: torch.Tensor, padding: torch.Tensor, spatial_shapes: SpatialShapes,
+                          level_ratios: Sequence[float], layer_ratios: Sequence[float]) -> TokenSelection:
+    """Level then layer filtering of flattened tokens.
+
+    Args:
+        scores: (B, S) saliency logits, level 0 first; padded tokens must already rank last.
+        padding: (B, S) bool, True at padding.
+        level_ratios: fraction of each level's valid tokens to keep (0, 1].
+        layer_ratios: per encoder layer, fraction of the kept tokens it updates (0, 1].
+    """
+    shapes = as_int_shapes(spatial_shapes)
+    if len(level_ratios) != len(shapes):
+        raise ValueError(f"{len(level_ratios)} level ratios for {len(shapes)} levels")
+    sizes = [h * w for h, w in shapes]
+    per_level, chosen, chosen_scores = [], [], []
+    start = 0
+    for size, ratio in zip(sizes, level_ratios):
+        level_scores = scores[:, start:start + size]
+        valid = (~padding[:, start:start + size]).sum(1)
+        keep_per_image = torch.floor(valid.double() * ratio).long()  # exact floor, no fp32 rounding
+        keep = int(keep_per_image.max()) if keep_per_image.numel() else 0
+        top_scores, top_index = level_scores.topk(keep, dim=1)
+        chosen.append(top_index + start)
+        chosen_scores.append(top_scores)
+        per_level.append(keep)
+        start += size
+    indices = torch.cat(chosen, 1)
+    order = torch.cat(chosen_scores, 1).argsort(dim=1, descending=True, stable=True)
+    indices = indices.gather(1, order)
+    total = indices.shape[1]
+    per_layer = [int(total * ratio) for ratio in layer_ratios]
+    return TokenSelection(indices, per_level, per_layer)
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """Row and column embeddings (``num_embeddings`` each, ``dim/2`` wide), concatenated: the
+    background embedding of tokens the encoder does not update (spec §3.4: 200 entries)."""
+
+    def __init__(self, dim: int, num_embeddings: int = 200):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"background embedding width must be even, got {dim}")
+        self.row = nn.Embedding(num_embeddings, dim // 2)
+        self.col = nn.Embedding(num_embeddings, dim // 2)
+        nn.init.uniform_(self.row.weight)
+        nn.init.uniform_(self.col.weight)
+
+    def forward(self, height: int, width: int) -> torch.Tensor:
+        """-> (height * width, dim), row-major like the flattened memory."""
+        if max(height, width) > self.row.num_embeddings:
+            raise ValueError(f"feature map {height}x{width} exceeds the {self.row.num_embeddings} background "
+                             "embedding positions")
+        rows = self.row.weight[:height]
+        cols = self.col.weight[:width]
+        grid = torch.cat([cols[None].expand(height, -1, -1), rows[:, None].expand(-1, width, -1)], dim=-1)
+        return grid.reshape(height * width, -1)
+
+
+class SalientEncoderLayer(DeformableEncoderLayer):
+    """Pre-attention among the best ``topk_sa`` tokens, then the deformable layer."""
+
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, topk_sa: int = 100, dropout: float = 0.0,
+                 **kwargs):
+        super().__init__(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout, **kwargs)
+        self.topk_sa = topk_sa
+        self.pre_attention = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
+        self.pre_dropout = nn.Dropout(dropout)
+        self.pre_norm = nn.LayerNorm(embed_dim)
+
+    def pre_attend(self, query: torch.Tensor, query_pos: torch.Tensor, rank_score: torch.Tensor) -> torch.Tensor:
+        """Self-attention among the ``topk_sa`` highest-ranked tokens; the others pass unchanged."""
+        k = min(self.topk_sa, query.shape[1])
+        if k == 0:
+            return query
+        index = rank_score.topk(k, dim=1).indices[..., None].expand(-1, -1, query.shape[-1])
+        tokens = query.gather(1, index)
+        q = tokens + query_pos.gather(1, index)
+        attended = self.pre_attention(q, q, tokens, need_weights=False)[0]
+        tokens = self.pre_norm(tokens + self.pre_dropout(attended))
+        return query.scatter(1, index, tokens)
+
+
+class SalientDeformableEncoder(nn.Module):
+    """Deformable encoder that updates only saliency-selected tokens (see the module docstring)."""
+
+    def __init__(self, num_layers: int = 6, embed_dim: int = 256, level_ratios=(0.4, 0.8, 1.0, 1.0),
+                 layer_ratios=(1.0, 0.8, 0.6, 0.6, 0.4, 0.2), topk_sa: int = 100, **layer_kwargs):
+        super().__init__()
+        if len(layer_ratios) != num_layers:
+            raise ValueError(f"{len(layer_ratios)} layer ratios for {num_layers} encoder layers")
+        self.level_ratios = tuple(float(r) for r in level_ratios)
+        self.layer_ratios = tuple(float(r) for r in layer_ratios)
+        self.layers = nn.ModuleList(SalientEncoderLayer(embed_dim=embed_dim, topk_sa=topk_sa, **layer_kwargs)
+                                    for _ in range(num_layers))
+        self.background_embedding = LearnedPositionEmbedding(embed_dim)
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, spatial_shapes: SpatialShapes,
+                valid_ratios: torch.Tensor, padding_mask: torch.Tensor, saliency: torch.Tensor,
+                scorer: nn.Module) -> Tuple[torch.Tensor, TokenSelection]:
+        """
+        Args:
+            src, pos: (B, S, C) flattened neck features and their position + level embeddings.
+            padding_mask: (B, S) True at padding; saliency: (B, S) scores, padded tokens ranked last.
+            scorer: Linear(C -> classes) ranking tokens for pre-attention (the encoder class head,
+                or the release's untrained stand-in).
+        Returns:
+            memory (B, S, C) and the selection (for inspection and tests).
+        """
+        shapes = as_int_shapes(spatial_shapes)
+        selection = select_salient_tokens(saliency, padding_mask, shapes, self.level_ratios, self.layer_ratios)
+        channels = src.shape[-1]
+        reference_points = encoder_reference_points(shapes, valid_ratios)
+        flat_refs = reference_points.flatten(2)  # (B, S, L*2)
+        own = ~padding_mask.gather(1, selection.indices)  # padded fillers are computed, never written back
+        output = src
+        for layer, keep in zip(self.layers, selection.per_layer):
+            if keep == 0:
+                continue
+            index = selection.indices[:, :keep]
+            expand = index[..., None].expand(-1, -1, channels)
+            query = output.gather(1, expand)
+            query_pos = pos.gather(1, expand)
+            refs = flat_refs.gather(1, index[..., None].expand(-1, -1, flat_refs.shape[-1]))
+            refs = refs.view(src.shape[0], keep, *reference_points.shape[2:])
+            # Focus-DETR multi-category score x saliency, raw logits multiplied as in the release.
+            with torch.no_grad():
+                rank_score = scorer(query).max(-1).values * saliency.gather(1, index)
+            query = layer.pre_attend(query, query_pos, rank_score)
+            query = layer(query, query_pos, refs, value=src, spatial_shapes=shapes, value_padding_mask=padding_mask)
+            query = torch.where(own[:, :keep, None], query, output.gather(1, expand))
+            output = output.scatter(1, expand, query)
+
+        background = torch.cat([self.background_embedding(h, w) for h, w in shapes], 0).to(output.dtype)
+        background = background[None].expand(src.shape[0], -1, -1)
+        selected = torch.zeros_like(padding_mask)
+        selected.scatter_(1, selection.indices, own)
+        background = background * (~(selected | padding_mask))[..., None].to(output.dtype)
+        return output + background, selection
