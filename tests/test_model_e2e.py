@@ -99,16 +99,6 @@ def test_eval_boxes_inside_requested_image(tiny_model):
         assert inst.pred_classes.max() < 4
 
 
-@pytest.fixture
-def synthetic_root(tmp_path):
-    root = str(tmp_path / "datasets")
-    generate_split(root, "train", 8, seed=0)
-    generate_split(root, "test", 4, seed=0)
-    sdconet.register_sdconet_datasets(root)
-    yield root
-    sdconet.register_sdconet_datasets(datasets_root())
-
-
 def test_tiny_detector_overfits_eight_images(synthetic_root, tmp_path):
     """Losses, matcher and box decoding are right if the tiny model memorises 8 images."""
     cfg = load_cfg(TINY, [

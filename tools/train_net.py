@@ -17,6 +17,7 @@ from detectron2.utils import comm
 from detectron2.evaluation import verify_results
 
 from sdconet import add_sdconet_config, check_sdconet_config
+from sdconet.engine.ema import ModelEMA
 from sdconet.engine.trainer import Trainer
 
 
@@ -50,8 +51,16 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        res = Trainer.test(cfg, model)
+        checkpoint = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
+        if cfg.SOLVER.EMA.ENABLED and "ema" in checkpoint:
+            ema = ModelEMA(model)
+            ema.load_state_dict(checkpoint["ema"])
+            logging.getLogger("detectron2").info("Evaluating with the EMA weights of the checkpoint")
+            with ema.applied_to(model):
+                res = Trainer.test(cfg, model)
+        else:
+            res = Trainer.test(cfg, model)
         report(cfg, res)
         if cfg.TEST.EXPECTED_RESULTS:
             verify_results(cfg, res)

@@ -1,14 +1,25 @@
 """detectron2 ``DefaultTrainer`` wiring for SDCoNet: AdamW with a backbone LR multiplier,
-full-model gradient clipping, our dataset mapper, COCO evaluation on the test split."""
+full-model gradient clipping, our dataset mapper, the gradient-routing step (phases, AMP,
+EMA), atomic checkpoints, a resumable data order and COCO evaluation on the test split."""
+import itertools
 import logging
 import os
+import weakref
 
 import torch
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.data import (build_detection_test_loader, build_detection_train_loader,
+                             get_detection_dataset_dicts)
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import DefaultTrainer, create_ddp_model, hooks
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..data.mapper import SDCoNetDatasetMapper
+from .checkpoint import AtomicDetectionCheckpointer
+from .ema import ModelEMA
+from .routing import GradientRoutingTrainer, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +71,107 @@ def build_sdconet_optimizer(cfg, model):
     return cls(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM)
 
 
+class ResumableTrainingSampler(TrainingSampler):
+    """detectron2's infinite shuffled sampler that can skip what earlier iterations consumed, so
+    a resumed run sees the same images in the same order as an uninterrupted one.
+
+    ``skip`` counts this rank's samples (iterations done x images per rank).
+    """
+
+    def __init__(self, size: int, shuffle: bool = True, seed=None):
+        super().__init__(size, shuffle=shuffle, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        start = self._rank + self.skip * self._world_size
+        yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
+
+
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with SDCoNet's optimizer, mapper and evaluator."""
+    """``DefaultTrainer`` with SDCoNet's optimizer, mapper, evaluator and training step.
+
+    ``--resume`` restores weights, optimizer, LR schedule, EMA, GradScaler and the iteration (and
+    with it the routing phase), and continues the data stream where it stopped. With SEED >= 0,
+    DATALOADER.NUM_WORKERS 0 (augmentation draws happen in the main process) and one aspect-ratio
+    group (square tiles), the resumed run ends with exactly the weights of an uninterrupted one.
+    """
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__, with our step, sampler, EMA and checkpointer.
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=0, proposal_files=None)
+        if not dataset:
+            raise ValueError(f"The training datasets {tuple(cfg.DATASETS.TRAIN)} hold no image")
+        self.train_sampler = ResumableTrainingSampler(len(dataset), seed=cfg.SEED if cfg.SEED >= 0 else None)
+        data_loader = self.build_train_loader(cfg, dataset=dataset, sampler=self.train_sampler)
+        self.ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
+        model = create_ddp_model(model, broadcast_buffers=False)
+        gr = cfg.SOLVER.GRADIENT_ROUTING
+        self._trainer = GradientRoutingTrainer(
+            model, data_loader, optimizer, start_iter=gr.START_ITER, mode=gr.MODE, projection=gr.PROJECTION,
+            log_period=gr.LOG_PERIOD, amp=cfg.SOLVER.AMP.ENABLED,
+            amp_dtype=torch.float16 if cfg.SOLVER.AMP.DTYPE == "float16" else torch.bfloat16,
+            seed=cfg.SEED, ema=self.ema)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        checkpointables = {"ema": self.ema} if self.ema is not None else {}
+        self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+                                                        **checkpointables)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        # Continue the data stream after the images the finished iterations consumed.
+        images_per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        self.train_sampler.skip = self.start_iter * images_per_rank
+
+    # detectron2 0.6's DefaultTrainer leaves the inner trainer out of its checkpoints, so the
+    # optimizer (and GradScaler) state would be lost on --resume; later releases fixed it this way.
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logging.getLogger(__name__).warning("The checkpoint holds no optimizer state (saved by an older "
+                                                "version?): the optimizer restarts from scratch")
+
+    def build_hooks(self):
+        """detectron2's hooks; with EMA, periodic evaluation uses the averaged weights."""
+        ret = super().build_hooks()
+        if self.ema is None:
+            return ret
+
+        def test_with_ema():
+            with self.ema.applied_to(unwrap(self.model)):
+                self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_with_ema) if isinstance(h, hooks.EvalHook) else h
+                for h in ret]
 
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_sdconet_optimizer(cfg, model)
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=SDCoNetDatasetMapper(cfg, is_train=True))
+    def build_train_loader(cls, cfg, dataset=None, sampler=None):
+        kwargs = {"dataset": dataset, "sampler": sampler} if dataset is not None else {}
+        return build_detection_train_loader(cfg, mapper=SDCoNetDatasetMapper(cfg, is_train=True), **kwargs)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
