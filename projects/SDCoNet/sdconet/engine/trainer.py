@@ -7,10 +7,11 @@ import os
 import weakref
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from detectron2.data import (build_detection_test_loader, build_detection_train_loader,
                              get_detection_dataset_dicts)
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import DefaultTrainer, create_ddp_model, hooks
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -71,6 +72,20 @@ def build_sdconet_optimizer(cfg, model):
     return cls(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM)
 
 
+def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """DistributedDataParallel when several processes train, on CPU (gloo) or CUDA (nccl).
+
+    detectron2 0.6's ``create_ddp_model`` always passes CUDA device ids. The gradient-routing
+    step averages gradients itself (inside ``no_sync``), so DDP here only broadcasts the initial
+    weights and keeps the usual ``model.module`` layout.
+    """
+    if comm.get_world_size() == 1:
+        return model
+    device = next(model.parameters()).device
+    device_ids = [device.index if device.index is not None else comm.get_local_rank()] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
 class ResumableTrainingSampler(TrainingSampler):
     """detectron2's infinite shuffled sampler that can skip what earlier iterations consumed, so
     a resumed run sees the same images in the same order as an uninterrupted one.
@@ -113,7 +128,7 @@ class Trainer(DefaultTrainer):
         self.train_sampler = ResumableTrainingSampler(len(dataset), seed=cfg.SEED if cfg.SEED >= 0 else None)
         data_loader = self.build_train_loader(cfg, dataset=dataset, sampler=self.train_sampler)
         self.ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
-        model = create_ddp_model(model, broadcast_buffers=False)
+        model = wrap_ddp(model)
         gr = cfg.SOLVER.GRADIENT_ROUTING
         self._trainer = GradientRoutingTrainer(
             model, data_loader, optimizer, start_iter=gr.START_ITER, mode=gr.MODE, projection=gr.PROJECTION,
