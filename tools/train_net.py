@@ -4,6 +4,10 @@
     python tools/train_net.py --config-file configs/quick_schedules/dino_tiny_synthetic.yaml
     python tools/train_net.py --config-file C --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file C --resume          # continue from OUTPUT_DIR/last_checkpoint
+    python tools/train_net.py --config-file C --eval-only --lr-input MODEL.WEIGHTS W DATASETS.TEST "('my_lr_set',)"
+
+``--eval-only`` evaluates like the benchmark (HR tiles, degraded inside the model); add
+``--lr-input`` when the test images are real low-resolution imagery to use them as they are.
 """
 import json
 import logging
@@ -26,6 +30,10 @@ def setup(args):
     add_sdconet_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if getattr(args, "lr_input", False):
+        # The test images already are the low-quality input: evaluate them as they are.
+        cfg.MODEL.SDCONET.DEGRADE.TEST = False
+        cfg.TEST.SDCONET.SR_QUALITY = False
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("sdconet").warning("CUDA is not available: running on CPU (MODEL.DEVICE=cpu)")
         cfg.MODEL.DEVICE = "cpu"
@@ -43,8 +51,11 @@ def report(cfg, results):
         json.dump(results, f, indent=2)
     for dataset, res in results.items() if "bbox" not in results else [("", results)]:
         bbox = res.get("bbox", {})
-        keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AP_vt", "AP_t", "AP_s_tod")
         print(f"[final] {dataset} " + "  ".join(f"{k}={bbox[k]:.2f}" for k in keys if k in bbox), flush=True)
+        sr = res.get("sr_quality")
+        if sr:
+            print(f"[final] {dataset} SR: " + "  ".join(f"{k}={v:.3f}" for k, v in sr.items()), flush=True)
 
 
 def main(args):
@@ -72,6 +83,10 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    parser.add_argument("--lr-input", action="store_true",
+                        help="test images are real low-resolution imagery: do not degrade them at test time "
+                             "(sets MODEL.SDCONET.DEGRADE.TEST False; boxes are in the images' own pixels)")
+    args = parser.parse_args()
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -186,6 +186,17 @@ def add_sdconet_config(cfg):
     # Boxes narrower or shorter than this (HR pixels, after clipping) are dropped and counted.
     _C.INPUT.SDCONET.MIN_BOX_SIZE = 1.0
 
+    # ---------------------------------------------------------------- evaluation
+    _C.TEST.SDCONET = CN()
+    # COCO evaluation backend of SmallObjectCOCOEvaluator: "auto" (faster-coco-eval when
+    # installed, else pycocotools), "faster" or "pycocotools". Its detection cap is
+    # TEST.DETECTIONS_PER_IMAGE.
+    _C.TEST.SDCONET.COCO_BACKEND = "auto"
+    # Also measure PSNR/SSIM (Y channel) of the SR branch's output against the HR image, next to
+    # bicubic upsampling of the LR input (runs the SR decoder at test time; needs SR.ENABLED and
+    # degraded test images, DEGRADE.TEST True).
+    _C.TEST.SDCONET.SR_QUALITY = False
+
     # ---------------------------------------------------------------- solver
     # "ADAMW" (the paper's) or "SGD".
     _C.SOLVER.OPTIMIZER = "ADAMW"
@@ -279,6 +290,13 @@ def check_sdconet_config(cfg):
         if missing:
             fail("MODEL.SDCONET.SWIN.OUT_FEATURES", tuple(s.SWIN.OUT_FEATURES),
                  f"the SR decoder needs skips from res3, res4 and res5 (missing {missing})")
+    if cfg.TEST.SDCONET.COCO_BACKEND not in ("auto", "faster", "pycocotools"):
+        fail("TEST.SDCONET.COCO_BACKEND", cfg.TEST.SDCONET.COCO_BACKEND, "must be auto, faster or pycocotools")
+    if cfg.TEST.SDCONET.SR_QUALITY and not (s.SR.ENABLED or cfg.MODEL.META_ARCHITECTURE == "SerialSRDetector"):
+        fail("TEST.SDCONET.SR_QUALITY", True, "needs an SR branch (MODEL.SDCONET.SR.ENABLED True)")
+    if cfg.TEST.SDCONET.SR_QUALITY and not s.DEGRADE.TEST:
+        fail("TEST.SDCONET.SR_QUALITY", True, "needs the HR image as reference, but MODEL.SDCONET.DEGRADE.TEST is "
+             "False (test images are real low-resolution input)")
     gr = cfg.SOLVER.GRADIENT_ROUTING
     if gr.MODE not in ("sum", "project", "stop"):
         fail("SOLVER.GRADIENT_ROUTING.MODE", gr.MODE, "must be sum, project or stop")

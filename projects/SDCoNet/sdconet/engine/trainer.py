@@ -13,11 +13,12 @@ from detectron2.data import (build_detection_test_loader, build_detection_train_
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.mapper import SDCoNetDatasetMapper
+from ..evaluation import SRQualityEvaluator, SmallObjectCOCOEvaluator
 from .checkpoint import AtomicDetectionCheckpointer
 from .ema import ModelEMA
 from .routing import GradientRoutingTrainer, unwrap
@@ -194,6 +195,22 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO AP with the tiny-object bands; plus PSNR/SSIM when TEST.SDCONET.SR_QUALITY."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False,
-                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+        evaluators = [SmallObjectCOCOEvaluator(dataset_name, output_dir=output_folder,
+                                               max_dets=cfg.TEST.DETECTIONS_PER_IMAGE,
+                                               backend=cfg.TEST.SDCONET.COCO_BACKEND)]
+        if cfg.TEST.SDCONET.SR_QUALITY:
+            evaluators.append(SRQualityEvaluator())
+        return DatasetEvaluators(evaluators)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's test loop; asks the model for its SR image when SR quality is measured."""
+        inner = unwrap(model)
+        previous = getattr(inner, "return_sr", False)
+        inner.return_sr = previous or bool(cfg.TEST.SDCONET.SR_QUALITY)
+        try:
+            return super().test(cfg, model, evaluators)
+        finally:
+            inner.return_sr = previous
