@@ -39,6 +39,7 @@ setup(
         "timm>=1.0.9",
         "fvcore>=0.1.5",
         "pycocotools>=2.0.7",
+        "faster-coco-eval>=1.6",  # faster COCO evaluation; SmallObjectCOCOEvaluator falls back to pycocotools
         "opencv-python-headless>=4.8",
         "scipy>=1.10",
         "numpy>=1.24",
@@ -51,5 +52,5 @@ setup(
         "onnxruntime>=1.17",
         "onnxscript",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "scikit-image>=0.22"]},  # skimage: reference PSNR/SSIM in tests
 )
