@@ -1,7 +1,15 @@
 """Pure-PyTorch multi-scale deformable attention against an explicit bilinear reference."""
+import warnings
+
+import pytest
 import torch
 
-from sdconet.modeling.transformer.ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
+from sdconet.modeling.transformer.ms_deform_attn import (
+    IMPLEMENTATIONS,
+    MSDeformAttn,
+    multi_scale_deformable_attention,
+    resolve_implementation,
+)
 
 
 def reference_deformable_attention(value, shapes, locations, weights):
@@ -108,3 +116,182 @@ def test_initial_offsets_fan_out_radially():
     assert torch.allclose(bias[1, 1, :, 1], torch.tensor([1.0, 2.0, 3.0]))
     assert torch.equal(bias[:, 0], bias[:, 1])
     assert module.attention_weights.weight.abs().sum() == 0 and module.sampling_offsets.weight.abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- implementations
+# Every formulation must equal the explicit reference in value and in all three gradients.
+
+IMPLS = pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+
+# Non-square levels, a level one pixel wide, B > 1, more heads than channels.
+SHAPE_SETS = [[(4, 5), (2, 3)], [(6, 3), (3, 7), (1, 2)], [(5, 5), (3, 3), (2, 1)]]
+
+
+def gradients(fn, value, locations, weights, grad_output):
+    leaves = [t.detach().requires_grad_(True) for t in (value, locations, weights)]
+    out = fn(*leaves)
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, grad_output))
+
+
+def assert_matches_reference(impl, shapes, value, locations, weights, tolerance=1e-9, check_location_grad=True):
+    gen = torch.Generator().manual_seed(123)
+    grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3], generator=gen,
+                              dtype=value.dtype)
+    expected = gradients(lambda v, l, w: reference_deformable_attention(v, shapes, l, w), value, locations, weights,
+                         grad_output)
+    got = gradients(lambda v, l, w: multi_scale_deformable_attention(v, shapes, l, w, impl=impl), value, locations,
+                    weights, grad_output)
+    for name, g, e in zip(["output", "d value", "d locations", "d weights"], got, expected):
+        if name == "d locations" and not check_location_grad:
+            continue
+        assert g.shape == e.shape, name
+        assert (g - e).abs().max().item() < tolerance, f"{impl}: {name} off by {(g - e).abs().max().item()}"
+
+
+@IMPLS
+def test_every_impl_matches_reference_in_value_and_gradients(impl):
+    for seed, shapes in enumerate(SHAPE_SETS):
+        value, locations, weights = random_inputs(seed, shapes, batch=2, heads=3, queries=6)
+        assert ((locations < 0) | (locations > 1)).any()
+        assert_matches_reference(impl, shapes, value, locations, weights)
+
+
+@IMPLS
+def test_every_impl_on_map_edges_and_beyond(impl):
+    """Samples on the map edge (0 and 1), half outside, far outside on each side and at corners."""
+    shapes = [(4, 6), (3, 2)]
+    value, locations, weights = random_inputs(11, shapes, batch=2, heads=2, queries=8, points=4)
+    edge_values = torch.tensor([0.0, 1.0, -0.05, 1.05, -3.0, 4.0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    pick = torch.randint(0, len(edge_values), locations.shape, generator=gen)
+    on_edge = torch.rand(locations.shape, generator=gen) < 0.5
+    locations = torch.where(on_edge, edge_values[pick], locations)
+    assert_matches_reference(impl, shapes, value, locations, weights)
+    # Samples fully outside read zeros and move nothing.
+    far = torch.full_like(locations, -2.0)
+    far[..., 1] = 3.0
+    value_grad_out = gradients(lambda v, l, w: multi_scale_deformable_attention(v, shapes, l, w, impl=impl),
+                               value, far, weights, torch.ones(2, 8, 2 * 3, dtype=torch.float64))
+    assert all(t.abs().max().item() == 0.0 for t in value_grad_out)
+
+
+@IMPLS
+def test_every_impl_on_pixel_centres(impl):
+    """Exactly on pixel centres (integer pixel coordinates): the output and the gradients of
+    value and weights are continuous there and must match; the location gradient has a kink."""
+    shapes = [(4, 4), (2, 8)]
+    value, locations, weights = random_inputs(3, shapes, batch=1, heads=2, queries=5, points=2)
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float64)[:, None, :]  # (L, 1, 2)
+    gen = torch.Generator().manual_seed(9)
+    centres = (torch.randint(0, 4, locations.shape, generator=gen).double() + 0.5) / sizes
+    assert_matches_reference(impl, shapes, value, centres, weights, check_location_grad=False)
+
+
+@IMPLS
+def test_every_impl_gradcheck(impl):
+    shapes = [(3, 2), (1, 2)]
+    value, locations, weights = random_inputs(3, shapes, batch=2, heads=2, head_dim=2, queries=2, points=2)
+    inputs = tuple(t.requires_grad_(True) for t in (value, locations, weights))
+    assert torch.autograd.gradcheck(
+        lambda v, l, w: multi_scale_deformable_attention(v, shapes, l, w, impl=impl), inputs, eps=1e-6, atol=1e-5
+    )
+
+
+@IMPLS
+def test_every_impl_without_queries(impl):
+    """Zero queries (no token selected) give an empty output and zero gradients."""
+    shapes = [(3, 4), (2, 2)]
+    value, locations, weights = random_inputs(2, shapes, queries=0)
+    got = gradients(lambda v, l, w: multi_scale_deformable_attention(v, shapes, l, w, impl=impl), value, locations,
+                    weights, torch.zeros(2, 0, 6, dtype=torch.float64))
+    assert got[0].shape == (2, 0, 6)
+    assert got[1].shape == value.shape and got[1].abs().max().item() == 0.0
+
+
+def test_impls_agree_in_float32_at_a_realistic_size():
+    shapes = [(16, 16), (8, 8), (4, 4), (2, 2)]
+    value, locations, weights = random_inputs(4, shapes, batch=2, heads=4, head_dim=8, queries=60, points=4,
+                                              dtype=torch.float32)
+    grad_output = torch.randn(2, 60, 32)
+    results = {impl: gradients(lambda v, l, w: multi_scale_deformable_attention(v, shapes, l, w, impl=impl),
+                               value, locations, weights, grad_output) for impl in IMPLEMENTATIONS}
+    for impl in IMPLEMENTATIONS[1:]:
+        for got, expected in zip(results[impl], results[IMPLEMENTATIONS[0]]):
+            scale = expected.abs().max().item()
+            assert (got - expected).abs().max().item() < 1e-5 * max(scale, 1.0)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace` is deprecated:FutureWarning")
+def test_auto_picks_embedding_bag_on_cpu_grid_sample_on_gpu_and_when_traced():
+    assert resolve_implementation("auto", torch.device("cpu")) == "embedding_bag"
+    assert resolve_implementation("auto", torch.device("cuda")) == "grid_sample"
+    assert resolve_implementation("gather", torch.device("cuda")) == "gather"
+    shapes = [(3, 4), (2, 2)]
+    value, locations, weights = random_inputs(1, shapes, dtype=torch.float32)
+    # Tracers (ONNX export, fvcore) must see grid_sample: they have no use for a Python autograd.Function.
+    traced = torch.jit.trace(lambda v, l, w: multi_scale_deformable_attention(v, shapes, l, w),
+                             (value, locations, weights))
+    assert "grid_sampler" in str(traced.graph)
+    eager = multi_scale_deformable_attention(value, shapes, locations, weights)
+    assert torch.allclose(traced(value, locations, weights), eager, atol=1e-6)
+
+
+def test_unknown_impl_is_a_clear_error():
+    shapes = [(2, 2)]
+    value, locations, weights = random_inputs(0, shapes)
+    with pytest.raises(ValueError, match="unknown deformable attention impl 'cuda_kernel'.*grid_sample"):
+        multi_scale_deformable_attention(value, shapes, locations, weights, impl="cuda_kernel")
+    with pytest.raises(ValueError, match="unknown deformable attention impl 'fast'"):
+        MSDeformAttn(embed_dim=16, num_heads=2, num_levels=1, num_points=2, impl="fast")
+
+
+def module_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(4, 6), (2, 3)]
+    query = torch.randn(2, 7, 16, generator=gen)
+    value = torch.randn(2, 30, 16, generator=gen)
+    boxes = torch.cat([torch.rand(2, 7, 2, 2, generator=gen), torch.rand(2, 7, 2, 2, generator=gen) * 0.5], dim=-1)
+    return query, boxes, value, shapes
+
+
+def test_module_impl_is_stored_and_used():
+    torch.manual_seed(0)
+    modules = {impl: MSDeformAttn(embed_dim=16, num_heads=2, num_levels=2, num_points=3, impl=impl)
+               for impl in ("auto",) + IMPLEMENTATIONS}
+    assert MSDeformAttn(embed_dim=16, num_heads=2, num_levels=2, num_points=3).impl == "auto"
+    state = modules["auto"].state_dict()
+    query, boxes, value, shapes = module_inputs()
+    # Learned offsets spread the samples so that some fall between pixels and some outside.
+    state["sampling_offsets.weight"] = torch.randn_like(state["sampling_offsets.weight"])
+    outputs = {}
+    for impl, module in modules.items():
+        module.load_state_dict(state)
+        assert module.impl == impl
+        outputs[impl] = module(query, boxes, value, shapes)
+        outputs[impl].sum().backward()
+    for impl in IMPLEMENTATIONS:
+        assert torch.allclose(outputs[impl], outputs["auto"], atol=1e-5)
+        for name, parameter in modules[impl].named_parameters():
+            assert torch.allclose(parameter.grad, dict(modules["auto"].named_parameters())[name].grad, atol=1e-4), name
+
+
+def test_compiled_module_matches_eager():
+    """compile=True runs the sampling through torch.compile (gather under "auto") without
+    warnings, with the eager output and gradients (about 15 s of compilation on CPU)."""
+    torch.manual_seed(0)
+    compiled = MSDeformAttn(embed_dim=16, num_heads=2, num_levels=2, num_points=3, compile=True)
+    eager = MSDeformAttn(embed_dim=16, num_heads=2, num_levels=2, num_points=3)
+    eager.load_state_dict(compiled.state_dict())
+    assert compiled.compile_sampling and not eager.compile_sampling
+    query, boxes, value, shapes = module_inputs(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(query, boxes, value, shapes)
+        out.sum().backward()
+    # A failed compilation would warn and fall back to eager.
+    assert not [w for w in caught if "torch.compile of deformable attention failed" in str(w.message)]
+    expected = eager(query, boxes, value, shapes)
+    expected.sum().backward()
+    assert torch.allclose(out, expected, atol=1e-5)
+    for (name, parameter), reference in zip(compiled.named_parameters(), eager.parameters()):
+        assert torch.allclose(parameter.grad, reference.grad, atol=1e-4), name

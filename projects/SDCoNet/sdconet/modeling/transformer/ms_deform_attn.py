@@ -1,10 +1,23 @@
-"""Multi-scale deformable attention (Deformable-DETR) written with ``F.grid_sample`` only.
+"""Multi-scale deformable attention (Deformable-DETR) in plain PyTorch.
 
 No compiled kernel: the same code runs on CPU and GPU, which keeps the project installable
-anywhere. A faster kernel can later be dispatched from :func:`multi_scale_deformable_attention`
-without touching the callers.
+anywhere. Three exact formulations of the sampling are available (``impl``):
+
+* ``"grid_sample"``: one ``F.grid_sample`` per level. Known to every tracer and exporter
+  (ONNX, fvcore's FLOP counter) and the fastest on GPUs.
+* ``"embedding_bag"``: the bilinear corners of all samples as row indices into one table of
+  zero-bordered levels, summed with ``F.embedding_bag``; its backward accumulates each 2x2 patch
+  as one row. On CPU, at SDCoNet's shapes, 2.3-3.4x faster forward and 1.4-2.2x faster forward +
+  backward than the former per-level grid_sample code; on an H200, 2x (forward) to 4x (forward +
+  backward) slower than grid_sample (``tools/benchmark_deform_attn.py``).
+* ``"gather"``: the same corners, gathered and summed with ordinary autograd ops. Slow eagerly
+  (it materialises every corner row) but a single fusable loop for ``torch.compile``.
+
+``"auto"`` picks per call; see :func:`resolve_implementation`.
 """
+import functools
 import math
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -12,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 SpatialShapes = Union[torch.Tensor, Sequence[Tuple[int, int]]]
+
+IMPLEMENTATIONS = ("grid_sample", "embedding_bag", "gather")
 
 
 def as_int_shapes(spatial_shapes: SpatialShapes):
@@ -21,7 +36,30 @@ def as_int_shapes(spatial_shapes: SpatialShapes):
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
-def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, attention_weights):
+def check_implementation(impl: str) -> str:
+    if impl != "auto" and impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown deformable attention impl {impl!r}; choose 'auto' or one of {IMPLEMENTATIONS}")
+    return impl
+
+
+def resolve_implementation(impl: str, device: torch.device) -> str:
+    """The formulation ``impl`` stands for on ``device``.
+
+    ``"auto"`` gives grid_sample when traced (ONNX export, fvcore's FLOP count: they know that op)
+    and on GPUs (measured fastest there), gather inside ``torch.compile`` (inductor fuses it) and
+    embedding_bag otherwise (measured fastest on CPU).
+    """
+    check_implementation(impl)
+    if impl != "auto":
+        return impl
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return "grid_sample"
+    if torch.compiler.is_compiling():
+        return "gather"
+    return "embedding_bag" if device.type == "cpu" else "grid_sample"
+
+
+def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, attention_weights, impl: str = "auto"):
     """Weighted sum of bilinear samples taken on every level of a flattened feature pyramid.
 
     Args:
@@ -30,43 +68,195 @@ def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, 
         sampling_locations: (B, Q, H, L, P, 2), normalised (x, y); pixel centres lie at
             (i + 0.5) / w (``align_corners=False``); samples outside the map read zeros.
         attention_weights: (B, Q, H, L, P).
+        impl: "auto" or one of :data:`IMPLEMENTATIONS`; all give the same result up to rounding.
     Returns:
         (B, Q, H * Dh).
     """
     shapes = as_int_shapes(spatial_shapes)
-    batch, _, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    num_levels = sampling_locations.shape[3]
     if len(shapes) != num_levels:
         raise ValueError(f"{len(shapes)} spatial shapes for {num_levels} sampling levels")
     if sum(h * w for h, w in shapes) != value.shape[1]:
         raise ValueError(f"spatial shapes {shapes} do not add up to {value.shape[1]} value tokens")
+    impl = resolve_implementation(impl, value.device)
+    if impl == "grid_sample":
+        return _grid_sample_attention(value, shapes, sampling_locations, attention_weights)
+    table, index, weights, blocks = _bilinear_corners(value, shapes, sampling_locations, attention_weights)
+    if impl == "embedding_bag":
+        sampled = _PatchWeightedSum.apply(table, index, weights, blocks)
+    else:
+        sampled = (table[index.flatten(1)] * weights.flatten(1)[..., None]).sum(1)
+    batch, num_queries, num_heads = sampling_locations.shape[:3]
+    return sampled.view(batch, num_queries, num_heads * value.shape[3])
 
+
+def _grid_sample_attention(value, shapes, sampling_locations, attention_weights):
+    batch, _, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
-    # grid_sample wants coordinates in [-1, 1] and one image per (batch, head).
-    grids = 2.0 * sampling_locations - 1.0
+    # grid_sample wants coordinates in [-1, 1] and one image per (batch, head). Points go before
+    # queries so that the sum over points runs over a middle dimension (vectorised over queries).
+    grids = (2.0 * sampling_locations - 1.0).permute(0, 2, 3, 4, 1, 5)
+    grids = grids.reshape(batch * num_heads, num_levels, num_points, num_queries, 2)
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(batch * num_heads, num_levels, 1, num_points, num_queries)
     output = None
     for level, (height, width) in enumerate(shapes):
         # (B, h*w, H, Dh) -> (B*H, Dh, h, w)
         level_value = value_per_level[level].permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, height, width)
-        # (B, Q, H, P, 2) -> (B*H, Q, P, 2)
-        level_grid = grids[:, :, :, level].transpose(1, 2).reshape(batch * num_heads, num_queries, num_points, 2)
-        sampled = F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        # (B, Q, H, P) -> (B*H, 1, Q, P); sum over points -> (B*H, Dh, Q)
-        weights = attention_weights[:, :, :, level].transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_points)
-        contribution = (sampled * weights).sum(-1)
+        # -> (B*H, Dh, P, Q); weighted sum over points -> (B*H, Dh, Q)
+        sampled = F.grid_sample(level_value, grids[:, level], mode="bilinear", padding_mode="zeros", align_corners=False)
+        contribution = (sampled * weights[:, level]).sum(2)
         output = contribution if output is None else output + contribution
     # (B*H, Dh, Q) -> (B, Q, H*Dh)
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
+
+
+# Zero border of every level in the corner table: one pixel before and two after on each axis,
+# so that the 2x2 patch of any top-left pixel in [-1, w] x [-1, h] lies inside the bordered level.
+_BORDER_BEFORE, _BORDER_AFTER = 1, 2
+
+
+def _bilinear_corners(value, shapes, sampling_locations, attention_weights):
+    """Bilinear sampling as a sparse weighted sum of table rows.
+
+    Returns:
+        table: (B*H*R, Dh) the levels of every (batch, head) with a zero border, R rows per (batch, head).
+        index: (B*Q*H, 4, L*P) table row of each corner; corner 0 is the patch's top-left pixel,
+            then its right, lower and lower-right neighbours.
+        weights: (B*Q*H, 4, L*P) bilinear weight x attention weight of each corner.
+        blocks: (first row, rows, bordered width) of every level inside the R rows of a (batch, head).
+    Coordinates beyond the border are clamped to it: such a sample only reads border zeros, as
+    it reads zeros outside the map in grid_sample, with a zero gradient in both.
+    """
+    batch, num_tokens, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    num_groups, num_bags, num_samples = batch * num_heads, batch * num_queries * num_heads, num_levels * num_points
+    device, dtype = value.device, sampling_locations.dtype
+    border = (0, 0, _BORDER_BEFORE, _BORDER_AFTER, _BORDER_BEFORE, _BORDER_AFTER)
+    levels = value.transpose(1, 2).reshape(num_groups, num_tokens, head_dim).split([h * w for h, w in shapes], dim=1)
+    table = torch.cat([F.pad(level.view(num_groups, h, w, head_dim), border).flatten(1, 2)
+                       for level, (h, w) in zip(levels, shapes)], dim=1)
+    rows_per_group = table.shape[1]
+
+    blocks, first_row = [], 0
+    for h, w in shapes:
+        bordered_h, bordered_w = h + _BORDER_BEFORE + _BORDER_AFTER, w + _BORDER_BEFORE + _BORDER_AFTER
+        blocks.append((first_row, bordered_h * bordered_w, bordered_w))
+        first_row += bordered_h * bordered_w
+
+    def per_sample(values, dtype):  # one value per level -> (L*P,) matching the flattened (level, point) axis
+        return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(num_points)
+
+    widths, heights = per_sample([w for _, w in shapes], dtype), per_sample([h for h, _ in shapes], dtype)
+    minus_one = torch.full_like(widths, -1.0)
+    locations = sampling_locations.reshape(num_bags, num_samples, 2)
+    # Pixel coordinates (pixel centres at integers), clamped to the border.
+    x = torch.clamp(locations[..., 0] * widths - 0.5, minus_one, widths)
+    y = torch.clamp(locations[..., 1] * heights - 0.5, minus_one, heights)
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+
+    bordered_widths = per_sample([b[2] for b in blocks], torch.long)
+    # Table row of pixel (0, 0) of every level.
+    origins = per_sample([b[0] + _BORDER_BEFORE * b[2] + _BORDER_BEFORE for b in blocks], torch.long)
+    group_rows = (torch.arange(num_groups, device=device) * rows_per_group).view(batch, 1, num_heads, 1)
+    top_left = (y0.long() * bordered_widths + x0.long() + origins).view(batch, num_queries, num_heads, num_samples)
+    top_left = top_left + group_rows
+    corner_offsets = torch.stack([torch.zeros_like(bordered_widths), torch.ones_like(bordered_widths),
+                                  bordered_widths, bordered_widths + 1])
+    index = top_left.view(num_bags, 1, num_samples) + corner_offsets
+
+    weights_x = torch.stack([1 - fx, fx], dim=1)
+    weights_y = torch.stack([1 - fy, fy], dim=1) * attention_weights.reshape(num_bags, 1, num_samples)
+    weights = (weights_y[:, :, None] * weights_x[:, None]).flatten(1, 2)
+    return table.view(num_groups * rows_per_group, head_dim), index, weights, blocks
+
+
+class _PatchWeightedSum(torch.autograd.Function):
+    """out[n] = sum_j weights[n, j] * table[index[n, j]] over the corners of :func:`_bilinear_corners`.
+
+    The autograd of ``F.embedding_bag`` sorts all indices for the table gradient and takes one
+    dot product at a time for the weight gradient; both dominate a training step on CPU. Here the
+    table gradient is accumulated per 2x2 patch (a quarter of the rows, four times as wide) and
+    the weight gradient is one sampled matrix product.
+    """
+
+    # Bags per chunk of the table gradient: the scattered rows of a chunk (2 MiB) stay in cache.
+    chunk = 256
+
+    @staticmethod
+    def forward(ctx, table, index, weights, blocks):
+        ctx.save_for_backward(table, index, weights)
+        ctx.blocks = blocks
+        return F.embedding_bag(index.flatten(1), table, per_sample_weights=weights.flatten(1), mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        table, index, weights = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        grad_table = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_table = _table_gradient(grad_output, index, weights, ctx.blocks, table.shape[0], _PatchWeightedSum.chunk)
+        if ctx.needs_input_grad[2]:
+            grad_weights = _weight_gradient(grad_output, table, index, weights)
+        return grad_table, None, grad_weights, None
+
+
+def _table_gradient(grad_output, index, weights, blocks, num_rows, chunk):
+    """d out / d table: every corner row receives weight x output gradient of its bag."""
+    num_bags, _, num_samples = index.shape
+    head_dim = grad_output.shape[1]
+    # Accumulate per sample one (4, Dh) row at the patch's top-left corner...
+    patches = grad_output.new_zeros(num_rows, 4, head_dim)
+    top_left = index[:, 0]
+    weights = weights.transpose(1, 2).contiguous()  # (N, L*P, 4): one sample's corners side by side
+    buffer = grad_output.new_empty(min(chunk, num_bags), num_samples, 4, head_dim)
+    for start in range(0, num_bags, chunk):
+        end = min(start + chunk, num_bags)
+        rows = torch.mul(grad_output[start:end, None, None, :], weights[start:end, :, :, None], out=buffer[: end - start])
+        patches.index_add_(0, top_left[start:end].flatten(), rows.flatten(0, 1))
+    # ...then move the right, lower and lower-right parts of every patch onto their own rows. The
+    # shifts stay inside a level: no top-left corner lies on a level's last border row or column.
+    rows_per_group = blocks[-1][0] + blocks[-1][1]
+    patches = patches.view(num_rows // rows_per_group, rows_per_group, 4, head_dim)
+    grad_table = patches[:, :, 0].clone()
+    for first_row, rows, width in blocks:
+        level = grad_table[:, first_row:first_row + rows]
+        level_patches = patches[:, first_row:first_row + rows]
+        for corner, shift in ((1, 1), (2, width), (3, width + 1)):
+            level[:, shift:] += level_patches[:, :-shift, corner]
+    return grad_table.view(num_rows, head_dim)
+
+
+def _weight_gradient(grad_output, table, index, weights):
+    """d out / d weights: the dot product of each bag's output gradient with each of its corner
+    rows, i.e. (grad_output @ table.T) read at the corners (a sampled dense-dense product)."""
+    corners = index.flatten(1)
+    num_bags, per_bag = corners.shape
+    row_starts = torch.arange(0, num_bags * per_bag + 1, per_bag, device=index.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        # Only the pattern matters (beta=0); the values are any finite numbers of the right dtype.
+        pattern = torch.sparse_csr_tensor(row_starts, corners.flatten(), weights.flatten(),
+                                          (num_bags, table.shape[0]), check_invariants=False)
+        products = torch.sparse.sampled_addmm(pattern, grad_output, table.t(), beta=0.0)
+    return products.values().view(weights.shape)
 
 
 class MSDeformAttn(nn.Module):
     """Deformable attention: each query samples ``num_points`` locations per head and level
     around its reference point and mixes them with learned, query-dependent weights."""
 
-    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4):
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
+                 impl: str = "auto", compile: bool = False):
+        """``impl``: formulation of the sampling (see :func:`multi_scale_deformable_attention`).
+        ``compile``: run the sampling through ``torch.compile`` (built on first use, eager with one
+        warning if that fails); stored as ``compile_sampling`` (``compile`` is a Module method)."""
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.impl = check_implementation(impl)
+        self.compile_sampling = compile
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_levels = num_levels
@@ -147,5 +337,27 @@ class MSDeformAttn(nn.Module):
                 locations = centres + offsets / points * half_sizes
             else:
                 raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
-            sampled = multi_scale_deformable_attention(projected_value.float(), shapes, locations, weights)
+            sampled = self._sample(projected_value.float(), shapes, locations, weights)
         return self.output_proj(sampled.to(out_dtype))
+
+    def _sample(self, value, shapes, locations, weights):
+        """:func:`multi_scale_deformable_attention` with this module's ``impl``, compiled if asked."""
+        if self.compile_sampling:
+            compiled = _compiled_attention(self.impl)
+            if compiled is not None:
+                try:
+                    return compiled(value, shapes, locations, weights)
+                except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
+                    _COMPILED[self.impl] = None
+                    warnings.warn(f"torch.compile of deformable attention failed, running it eagerly: {error!r}")
+        return multi_scale_deformable_attention(value, shapes, locations, weights, impl=self.impl)
+
+
+# impl -> the compiled sampling function, shared by all modules; None once compiling it failed.
+_COMPILED = {}
+
+
+def _compiled_attention(impl: str):
+    if impl not in _COMPILED:
+        _COMPILED[impl] = torch.compile(functools.partial(multi_scale_deformable_attention, impl=impl), dynamic=True)
+    return _COMPILED[impl]
