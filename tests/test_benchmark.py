@@ -143,3 +143,21 @@ def test_cost_models():
     assert fvcore_total(Sampler("bilinear"), (x, grid)) == 4 * 2 * 3 * 7 * 5
     assert fvcore_total(Sampler("nearest"), (x, grid)) == 1 * 2 * 3 * 7 * 5
     assert fvcore_total(Shrink(), (torch.randn(1, 3, 16, 12),)) == 16 * 3 * 8 * 6
+
+
+def test_page_row_and_page_format(tmp_path):
+    """One benchmark-page row of the tiny config, then the page built from two such rows."""
+    row = benchmark.measure_config(TINY, 64, 64, "cpu", warmup=0, iters=1, train_iters=1)
+    assert row["params_inference"] > 0 and row["gflops"] > 0
+    assert row["latency_ms"] > 0 and row["train_step_ms"] > 0 and row["peak_memory_mb"] > 100
+    other = dict(row, gflops=2 * row["gflops"], latency_ms=3 * row["latency_ms"])
+    names = [name for name, _ in benchmark.PAGE_MODELS[:2]]
+    result = {"command": "python tools/benchmark.py --all", "machine": benchmark.machine_info("cpu"),
+              "rows": {names[0]: row, names[1]: other}, "input_size_hr": [64, 64], "device": "cpu",
+              "baseline": {"before": {"latency_ms": 20.0, "train_step_ms": 300.0},
+                           "after": {"latency_ms": 10.0, "train_step_ms": 200.0}, "commit": "0123456789abcdef",
+                           "rounds": 2}}
+    page = benchmark.format_page(result)
+    lines = [line for line in page.splitlines() if line.startswith(f"| {names[1]} ")]
+    assert lines and lines[0].rstrip(" |").split("|")[-3:] == [" 2.00 ", " 3.00 ", " 1.00"]
+    assert "| speed-up | x2.00 | x1.50 |" in page

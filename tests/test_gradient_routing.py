@@ -157,7 +157,8 @@ def test_phase_one_freezes_and_skips_the_sr_decoder(synthetic_root, tmp_path):
 
 
 def test_bf16_autocast_steps_on_cpu_are_finite(synthetic_root, tmp_path):
-    cfg = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 2, "SOLVER.AMP.ENABLED", True, "SOLVER.AMP.DTYPE", "bfloat16")
+    cfg = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 2, "SOLVER.AMP.ENABLED", True, "SOLVER.AMP.DTYPE", "bfloat16",
+                   "SOLVER.GRADIENT_ROUTING.START_ITER", 0)
     trainer = Trainer(cfg)
     dtypes = []
     trainer.model.backbone.register_forward_hook(lambda m, i, o: dtypes.append(o["res5"].dtype))

@@ -6,6 +6,14 @@
     python tools/benchmark.py --config-file configs/SDCoNet/sdconet_swin-t_nwpu.yaml \
         --serial-config configs/Baselines/serial_sr_dino_swin-t_nwpu.yaml --selection-ablation
 
+    python tools/benchmark.py --all [--baseline-commit SHA] [--device cuda]
+
+``--all`` measures the four models of the benchmark page (SDCoNet, the DINO-LR baseline, the
+serial baseline and DINO on HR) at 512x512 HR, each in its own process (params, GFLOPs, eval
+latency, training-step time, peak memory), prints ratios to SDCoNet and writes
+projects/SDCoNet/BENCHMARKS.md. ``--baseline-commit`` also measures SDCoNet with the package of
+an older commit (checked out with ``git worktree``), alternating old and new runs.
+
 ``--serial-config`` adds the serial SR-then-detect baseline and prints its FLOPs and latency
 divided by the main config's (the paper's efficiency claim). ``--selection-ablation`` rebuilds
 the main config with every token-selection ratio at 1.0 (nothing dropped, as released) and
@@ -479,9 +487,200 @@ def format_comparisons(result: Dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- training step
+
+
+def synthetic_training_batch(height: int, width: int, device: str, batch: int = 2, seed: int = 0) -> List[Dict]:
+    """``batch`` random HR images, each with a few boxes of small-object size (8-48 px)."""
+    from detectron2.structures import Boxes, Instances
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(batch):
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+        n = 8
+        xy = torch.rand(n, 2, generator=generator) * torch.tensor([width - 48.0, height - 48.0])
+        wh = 8 + torch.rand(n, 2, generator=generator) * 40
+        inst = Instances((height, width))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        inst.gt_classes = torch.randint(0, 3, (n,), generator=generator)
+        items.append({"image": image.to(device), "instances": inst.to(device), "height": height, "width": width})
+    return items
+
+
+def measure_training_step(model: nn.Module, batch: List[Dict], warmup: int = 1, iters: int = 3) -> Dict:
+    """Median wall time of forward + backward + AdamW step in training mode, in ms, and the peak
+    memory: CUDA allocator peak on GPU, the process's peak RSS (everything so far) on CPU."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(warmup + iters):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        losses = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append((time.perf_counter() - start) * 1000.0)
+    model.eval()
+    if cuda:
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"median_ms": statistics.median(times), "iters": iters, "batch": len(batch), "peak_memory_mb": peak_mb,
+            "peak_memory_kind": "CUDA allocator peak" if cuda else "process peak RSS"}
+
+
+# ----------------------------------------------------------------------------- benchmark page
+
+PAGE_MODELS = (
+    ("SDCoNet", "configs/SDCoNet/sdconet_swin-t_nwpu.yaml"),
+    ("DINO-LR baseline", "configs/Baselines/dino_swin-t_lr_nwpu.yaml"),
+    ("Serial SR -> DINO", "configs/Baselines/serial_sr_dino_swin-t_nwpu.yaml"),
+    ("DINO on HR (upper bound)", "configs/Baselines/dino_swin-t_hr_nwpu.yaml"),
+)
+PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "SDCoNet", "BENCHMARKS.md")
+
+
+def measure_config(config_file: str, height: int, width: int, device: str, warmup: int, iters: int,
+                   train_iters: int, seed: int = 0) -> Dict:
+    """Everything the page lists for one config (run in a fresh process for a clean peak memory)."""
+    model = build_benchmark_model(config_file, [], device)
+    inputs = random_inputs(height, width, device, seed)
+    params = count_parameters(model, inputs)
+    gflops = count_gflops(model, inputs)
+    latency = measure_latency(model, inputs, warmup, iters)
+    train = measure_training_step(model, synthetic_training_batch(height, width, device, seed=seed), 1, train_iters)
+    return {"config_file": config_file, "params_inference": params["inference"], "params_total": params["total"],
+            "gflops": gflops["total"], "latency_ms": latency["median_ms"], "train_step_ms": train["median_ms"],
+            "train_batch": train["batch"], "peak_memory_mb": train["peak_memory_mb"],
+            "peak_memory_kind": train["peak_memory_kind"], "threads": torch.get_num_threads()}
+
+
+def _measure_in_subprocess(config_file: str, args, pythonpath: Optional[str] = None, cwd: Optional[str] = None) -> Dict:
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "m.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--measure", config_file, "--json", out,
+               "--input-size", *map(str, args.input_size), "--device", args.device, "--warmup", str(args.warmup),
+               "--iters", str(args.iters), "--train-iters", str(args.train_iters)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        env = dict(os.environ)
+        if pythonpath:  # an older package first on the path: measure that code
+            env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"measuring {config_file} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def _baseline_worktree(commit: str) -> str:
+    """A read-only checkout of ``commit`` (git worktree) whose package is measured as 'before'."""
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(repo, "output", "benchmark-baseline", commit[:12])
+    if not os.path.isdir(path):
+        subprocess.run(["git", "-C", repo, "worktree", "add", "--detach", path, commit], check=True,
+                       capture_output=True)
+    return path
+
+
+def run_page(args, machine: Dict, command: str) -> Dict:
+    """Measure the page's models (and the baseline commit) and write BENCHMARKS.md."""
+    rows = {}
+    for name, config in PAGE_MODELS:
+        print(f"measuring {name} ({config}) ...", flush=True)
+        rows[name] = _measure_in_subprocess(config, args)
+    comparison = None
+    if args.baseline_commit:
+        tree = _baseline_worktree(args.baseline_commit)
+        config = PAGE_MODELS[0][1]
+        runs = {"before": [], "after": []}
+        for _ in range(args.rounds):  # alternate, so machine load hits both alike
+            print("measuring SDCoNet at the baseline commit and now ...", flush=True)
+            runs["before"].append(_measure_in_subprocess(os.path.join(tree, config), args,
+                                                         pythonpath=os.path.join(tree, "projects", "SDCoNet"), cwd=tree))
+            runs["after"].append(_measure_in_subprocess(config, args))
+        comparison = {k: {q: statistics.median(r[q] for r in v) for q in ("latency_ms", "train_step_ms")}
+                      for k, v in runs.items()}
+        comparison["commit"] = args.baseline_commit
+        comparison["rounds"] = args.rounds
+    result = {"command": command, "machine": machine, "rows": rows, "baseline": comparison,
+              "input_size_hr": args.input_size, "device": args.device}
+    text = format_page(result)
+    print(text)
+    with open(args.page, "w") as f:
+        f.write(text)
+    print(f"wrote {args.page}")
+    return result
+
+
+def format_page(result: Dict) -> str:
+    m, rows = result["machine"], result["rows"]
+    ref = rows[PAGE_MODELS[0][0]]
+    h, w = result["input_size_hr"]
+    any_row = next(iter(rows.values()))
+    lines = [
+        "# SDCoNet benchmarks",
+        "",
+        f"Written by `{result['command']}`.",
+        "",
+        f"- machine: {m['cpu']} ({m['cpu_cores']} cores)" + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        + f", {m['platform']}; python {m['python']}, torch {m['torch']}",
+        f"- device {result['device']}, {any_row['threads']} threads; load average before the run: "
+        f"{m.get('load_average_1min', '?')}",
+        f"- input: one {h}x{w} HR image (the models degrade it x2 inside, except DINO on HR); random weights; "
+        "GFLOPs from fvcore (1 multiply-add = 1 flop); eval latency = median of the timed eval forwards; "
+        f"training step = forward + backward + AdamW step on a batch of {any_row['train_batch']} with 8 "
+        f"boxes each; peak memory = {any_row['peak_memory_kind']}.",
+        "",
+        "| model | config | inference params (M) | GFLOPs | eval latency (ms) | training step (ms) | peak memory (MiB) "
+        "| GFLOPs / SDCoNet | latency / SDCoNet | train step / SDCoNet |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | `{r['config_file']}` | {r['params_inference'] / 1e6:.2f} | {r['gflops']:.2f} | "
+            f"{r['latency_ms']:.1f} | {r['train_step_ms']:.0f} | {r['peak_memory_mb']:.0f} | "
+            f"{r['gflops'] / ref['gflops']:.2f} | {r['latency_ms'] / ref['latency_ms']:.2f} | "
+            f"{r['train_step_ms'] / ref['train_step_ms']:.2f} |")
+    base = result.get("baseline")
+    if base:
+        b, a = base["before"], base["after"]
+        lines += [
+            "",
+            f"## SDCoNet before / after the performance work (commit {base['commit'][:12]} vs the working tree)",
+            "",
+            f"Measured in the same run, {base['rounds']} alternating rounds (median):",
+            "",
+            "| | eval latency (ms) | training step (ms) |",
+            "|---|---|---|",
+            f"| before ({base['commit'][:12]}) | {b['latency_ms']:.1f} | {b['train_step_ms']:.0f} |",
+            f"| now | {a['latency_ms']:.1f} | {a['train_step_ms']:.0f} |",
+            f"| speed-up | x{b['latency_ms'] / a['latency_ms']:.2f} | x{b['train_step_ms'] / a['train_step_ms']:.2f} |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--config-file", metavar="FILE")
+    parser.add_argument("--all", action="store_true", help="measure the benchmark page's models and write BENCHMARKS.md")
+    parser.add_argument("--page", default=PAGE, help="where --all writes the page")
+    parser.add_argument("--baseline-commit", metavar="SHA", help="with --all: also measure SDCoNet at this commit")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating before/after rounds for --baseline-commit")
+    parser.add_argument("--train-iters", type=int, default=3, help="timed training steps per model (after 1 warm-up)")
+    parser.add_argument("--measure", metavar="FILE", help=argparse.SUPPRESS)  # one page row, used by --all
     parser.add_argument("--input-size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
                         help="HR image size given to the model (it degrades it itself)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -501,6 +700,8 @@ def parse_args(argv=None):
 def main(argv=None) -> Dict:
     command_args = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if not (args.config_file or args.all or args.measure):
+        raise SystemExit("give --config-file, or --all for the benchmark page")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but CUDA is not available")
     logging.getLogger("fvcore").setLevel(logging.ERROR)
@@ -508,6 +709,17 @@ def main(argv=None) -> Dict:
     previous_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.measure:
+        try:
+            row = measure_config(args.measure, *args.input_size, args.device, args.warmup, args.iters, args.train_iters,
+                                 args.seed)
+        finally:
+            torch.set_num_threads(previous_threads)
+        with open(args.json, "w") as f:
+            json.dump(row, f)
+        return row
+    if args.all:
+        return run_page(args, machine, "python tools/benchmark.py " + shlex.join(command_args))
     try:
         result = benchmark(args.config_file, args.opts, *args.input_size, device=args.device,
                            warmup=args.warmup, iters=args.iters, seed=args.seed)

@@ -5,9 +5,12 @@
     python tools/train_net.py --config-file C --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file C --resume          # continue from OUTPUT_DIR/last_checkpoint
     python tools/train_net.py --config-file C --eval-only --lr-input MODEL.WEIGHTS W DATASETS.TEST "('my_lr_set',)"
+    python tools/train_net.py --num-gpus 8 --config-file C      # one process per GPU (detectron2's launch)
+    torchrun --nproc_per_node 2 tools/train_net.py --config-file C   # any device (gloo on CPU)
 
 ``--eval-only`` evaluates like the benchmark (HR tiles, degraded inside the model); add
 ``--lr-input`` when the test images are real low-resolution imagery to use them as they are.
+SOLVER.IMS_PER_BATCH is the total batch of all processes; see docs/training_at_scale.md.
 """
 import json
 import logging
@@ -16,16 +19,18 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.evaluation import verify_results
 
 from sdconet import add_sdconet_config, check_sdconet_config
 from sdconet.engine.ema import ModelEMA
+from sdconet.engine.launch import check_total_batch, launch_training, launched_by_torchrun
 from sdconet.engine.trainer import Trainer
 
 
-def setup(args):
+def load_config(args):
+    """The config of ``args`` (file, then command-line overrides), checked; CPU when CUDA is missing."""
     cfg = get_cfg()
     add_sdconet_config(cfg)
     cfg.merge_from_file(args.config_file)
@@ -38,6 +43,13 @@ def setup(args):
         logging.getLogger("sdconet").warning("CUDA is not available: running on CPU (MODEL.DEVICE=cpu)")
         cfg.MODEL.DEVICE = "cpu"
     check_sdconet_config(cfg)
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args)
+    if not args.eval_only:
+        check_total_batch(cfg, comm.get_world_size())
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -82,11 +94,22 @@ def main(args):
     report(cfg, getattr(trainer, "_last_eval_results", None))
 
 
-if __name__ == "__main__":
+def argument_parser():
+    """detectron2's ``default_argument_parser`` with SDCoNet's flags."""
     parser = default_argument_parser()
     parser.add_argument("--lr-input", action="store_true",
                         help="test images are real low-resolution imagery: do not degrade them at test time "
                              "(sets MODEL.SDCONET.DEGRADE.TEST False; boxes are in the images' own pixels)")
-    args = parser.parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    return parser
+
+
+def run(args):
+    """Start ``main`` in every process: under torchrun with its process group (gloo on CPU,
+    nccl on CUDA), otherwise through detectron2's launch (``--num-gpus``, ``--num-machines``)."""
+    if launched_by_torchrun():
+        return launch_training(main, args, device=load_config(args).MODEL.DEVICE)
+    return launch_training(main, args)
+
+
+if __name__ == "__main__":
+    run(argument_parser().parse_args())

@@ -86,6 +86,12 @@ def add_sdconet_config(cfg):
     _C.MODEL.SDCONET.TRANSFORMER.POS_TEMPERATURE = 20
     # Detections kept per image at inference: top-k over (query, class) pairs.
     _C.MODEL.SDCONET.TRANSFORMER.NUM_DETECTIONS = 300
+    # Deformable-attention sampling: "auto" (embedding_bag on CPU, grid_sample on GPU and when
+    # exporting), or force "grid_sample", "embedding_bag" or "gather"; all exact (see ms_deform_attn.py).
+    _C.MODEL.SDCONET.TRANSFORMER.DEFORM_IMPL = "auto"
+    # Wrap the sampling in torch.compile (falls back with a warning if compilation fails); measured
+    # slower than embedding_bag on CPU, so off by default.
+    _C.MODEL.SDCONET.TRANSFORMER.DEFORM_COMPILE = False
 
     # ---------------------------------------------------------------- contrastive denoising
     _C.MODEL.SDCONET.DN = CN()
@@ -259,6 +265,9 @@ def check_sdconet_config(cfg):
     if s.TRANSFORMER.NUM_HEADS < 1 or s.NECK.OUT_CHANNELS % s.TRANSFORMER.NUM_HEADS:
         fail("MODEL.SDCONET.TRANSFORMER.NUM_HEADS", s.TRANSFORMER.NUM_HEADS,
              f"must divide MODEL.SDCONET.NECK.OUT_CHANNELS={s.NECK.OUT_CHANNELS}")
+    if s.TRANSFORMER.DEFORM_IMPL not in ("auto", "grid_sample", "embedding_bag", "gather"):
+        fail("MODEL.SDCONET.TRANSFORMER.DEFORM_IMPL", s.TRANSFORMER.DEFORM_IMPL,
+             "must be auto, grid_sample, embedding_bag or gather")
     if not 0.0 <= s.DN.LABEL_NOISE <= 1.0:
         fail("MODEL.SDCONET.DN.LABEL_NOISE", s.DN.LABEL_NOISE, "must lie in [0, 1]")
     if s.SR.HEAD not in ("x2_bilinear", "full"):

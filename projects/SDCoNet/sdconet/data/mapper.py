@@ -46,7 +46,10 @@ def read_image_any(file_name: str, format: str = "BGR") -> np.ndarray:
         data = np.fromfile(file_name, dtype=np.uint8)
     except OSError as e:
         raise IOError(f"Cannot read image file {file_name}: {e.strerror or e}") from e
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error as e:  # e.g. more pixels than OpenCV's CV_IO_MAX_IMAGE_PIXELS
+        raise IOError(f"Cannot decode image file {file_name}: {e.err}") from e
     if image is None:
         raise IOError(f"Cannot decode image file {file_name}: it is empty, truncated, corrupt or not an image")
     image = to_uint8(image)

@@ -40,8 +40,13 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         self.logger.info("Saving checkpoint to {}".format(save_file))
         try:
             atomic_write(save_file, lambda f: torch.save(data, f))
-        except OSError as e:
-            raise OSError(f"Could not save checkpoint {save_file} ({e}); the previous checkpoint and "
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a failed write (disk full, file too large) as a RuntimeError
+            # raised while handling the OSError.
+            cause = e if isinstance(e, OSError) else e.__context__
+            if not isinstance(cause, OSError):
+                raise
+            raise OSError(f"Could not save checkpoint {save_file} ({cause}); the previous checkpoint and "
                           "last_checkpoint are untouched") from e
         self.tag_last_checkpoint(basename)
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import SimpleTrainer
 from detectron2.engine.train_loop import TrainerBase
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -141,11 +142,15 @@ class GradientRoutingTrainer(SimpleTrainer):
 
     # ------------------------------------------------------------------ step
     def _seed_iteration(self, stage: int) -> None:
-        """Seed torch, numpy and random from (SEED, iteration, stage): randomness that depends
-        only on the iteration is what makes a resumed run repeat an uninterrupted one."""
+        """Seed torch, numpy and random from (SEED, iteration, stage, rank): randomness that depends
+        only on the iteration is what makes a resumed run repeat an uninterrupted one; the rank gives
+        every process its own draws (flips, DN noise, drop path), as one process with the whole batch."""
         if self.seed < 0:
             return
         seed = (self.seed * 1_000_003 + self.iter * 2 + stage) % (2**31)
+        rank = comm.get_rank()
+        if rank:  # rank 0 keeps the one-process seeds
+            seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]) % (2**31)
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
@@ -195,9 +200,12 @@ class GradientRoutingTrainer(SimpleTrainer):
     def _check_finite(self, loss_dict: Dict[str, torch.Tensor]) -> None:
         """Stop before any update when a loss is NaN/inf, naming it (one host sync)."""
         values = torch.stack([v.detach().float() for v in loss_dict.values()])
-        if bool(torch.isfinite(values).all()):
+        finite = torch.isfinite(values).all().float()
+        if isinstance(self.model, DistributedDataParallel):
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops, none waits in a collective
+        if bool(finite):
             return
-        bad = {k: float(v) for k, v in loss_dict.items() if not math.isfinite(float(v))}
+        bad = {k: float(v) for k, v in loss_dict.items() if not math.isfinite(float(v))} or "on another rank"
         raise FloatingPointError(
             f"Non-finite loss at iteration {self.iter}: {bad}. No update was made from it; the last "
             "checkpoint in OUTPUT_DIR is intact (resume with --resume, perhaps with a lower SOLVER.BASE_LR)")

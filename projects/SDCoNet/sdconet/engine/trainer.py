@@ -118,7 +118,7 @@ class Trainer(DefaultTrainer):
         logger = logging.getLogger("detectron2")
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         dataset = get_detection_dataset_dicts(
@@ -128,8 +128,8 @@ class Trainer(DefaultTrainer):
             raise ValueError(f"The training datasets {tuple(cfg.DATASETS.TRAIN)} hold no image")
         self.train_sampler = ResumableTrainingSampler(len(dataset), seed=cfg.SEED if cfg.SEED >= 0 else None)
         data_loader = self.build_train_loader(cfg, dataset=dataset, sampler=self.train_sampler)
-        self.ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
-        model = wrap_ddp(model)
+        model = wrap_ddp(model)  # DDP broadcasts rank 0's weights: the EMA must start from them
+        self.ema = ModelEMA(unwrap(model), cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
         gr = cfg.SOLVER.GRADIENT_ROUTING
         self._trainer = GradientRoutingTrainer(
             model, data_loader, optimizer, start_iter=gr.START_ITER, mode=gr.MODE, projection=gr.PROJECTION,
@@ -144,6 +144,21 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @staticmethod
+    def auto_scale_workers(cfg, num_workers: int):
+        """detectron2's SOLVER.REFERENCE_WORLD_SIZE scaling, with the routing phase switch moved
+        along with the schedule."""
+        scaled = DefaultTrainer.auto_scale_workers(cfg, num_workers)
+        if scaled is cfg or scaled.SOLVER.MAX_ITER == cfg.SOLVER.MAX_ITER:
+            return scaled
+        frozen = scaled.is_frozen()
+        scaled.defrost()
+        factor = cfg.SOLVER.MAX_ITER / scaled.SOLVER.MAX_ITER
+        scaled.SOLVER.GRADIENT_ROUTING.START_ITER = int(round(cfg.SOLVER.GRADIENT_ROUTING.START_ITER / factor))
+        if frozen:
+            scaled.freeze()
+        return scaled
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)

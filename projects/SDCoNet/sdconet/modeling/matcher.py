@@ -60,6 +60,9 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty.clone()))
                 continue
             cost = self.cost_matrix(logits, boxes, target["labels"], target["boxes"]).cpu()
+            # A diverged model gives NaN/inf costs, which scipy refuses; match anyway so the
+            # non-finite loss reaches the trainer, which stops naming the iteration and the loss.
+            cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
             pred_idx, tgt_idx = linear_sum_assignment(cost.numpy())
             pair = torch.as_tensor(np.stack([pred_idx, tgt_idx]), dtype=torch.int64).to(device)
             indices.append((pair[0], pair[1]))

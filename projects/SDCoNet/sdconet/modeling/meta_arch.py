@@ -26,6 +26,7 @@ from .neck import build_neck
 from .saliency import flatten_levels, saliency_loss, saliency_targets
 from .sr_decoder import SRDecoder
 from .transformer.dino_transformer import DINOTransformer
+from .transformer.ms_deform_attn import MSDeformAttn
 
 # Loss names that belong to the SR task; all other losses are detection (+ saliency).
 SR_LOSS_KEYS = ("loss_sr",)
@@ -35,7 +36,7 @@ def build_dino_transformer(cfg, num_levels: int) -> DINOTransformer:
     """The DINO transformer of ``cfg`` (with saliency-driven selection when SALIENCY.ENABLED)."""
     s = cfg.MODEL.SDCONET
     t, sal = s.TRANSFORMER, s.SALIENCY
-    return DINOTransformer(
+    transformer = DINOTransformer(
         num_classes=s.NUM_CLASSES, embed_dim=s.NECK.OUT_CHANNELS, num_heads=t.NUM_HEADS,
         num_levels=num_levels, num_points=t.NUM_POINTS,
         enc_layers=t.ENC_LAYERS, dec_layers=t.DEC_LAYERS, ffn_dim=t.FFN_DIM, dropout=t.DROPOUT,
@@ -43,6 +44,11 @@ def build_dino_transformer(cfg, num_levels: int) -> DINOTransformer:
         dn_num_queries=s.DN.NUM_QUERIES, dn_label_noise=s.DN.LABEL_NOISE, dn_box_noise=s.DN.BOX_NOISE,
         saliency_alpha=sal.ALPHA if sal.ENABLED else None, level_ratios=tuple(sal.LEVEL_RATIOS),
         layer_ratios=tuple(sal.LAYER_RATIOS), topk_sa=sal.TOPK_PRE_ATTENTION, shared_scorer=sal.SHARED_SCORER)
+    for module in transformer.modules():
+        if isinstance(module, MSDeformAttn):
+            module.impl = t.DEFORM_IMPL
+            module.compile_sampling = t.DEFORM_COMPILE
+    return transformer
 
 
 def build_dino_criterion(cfg) -> DINOCriterion:

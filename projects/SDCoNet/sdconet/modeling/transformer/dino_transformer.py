@@ -283,7 +283,10 @@ class DINOTransformer(nn.Module):
 
         hidden, base_boxes = self.decoder(content, reference_unact.sigmoid(), memory, shapes, valid_ratios,
                                           padding, attn_mask, self.box_heads)
-        layers = [self.predictions(h, b, i) for i, (h, b) in enumerate(zip(hidden, base_boxes))]
+        if self.training:
+            layers = [self.predictions(h, b, i) for i, (h, b) in enumerate(zip(hidden, base_boxes))]
+        else:  # inference reads the last layer only: skip the auxiliary heads
+            layers = [self.predictions(hidden[-1], base_boxes[-1], len(hidden) - 1)]
 
         pad = dn_meta.pad_size if dn_meta is not None else 0
         matching = [{k: v[:, pad:] for k, v in out.items()} for out in layers]
