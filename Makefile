@@ -33,7 +33,11 @@ DEMO_OUT ?= output/demo
 demo: data
 	$(PY) tools/visualize_data.py --dataset synthetic_rs_test --num 4 --out $(DEMO_OUT)/data_samples
 	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUT)
-	@echo "demo done: metrics in $(DEMO_OUT)/final_metrics.json and $(DEMO_OUT)/metrics.json, pictures in $(DEMO_OUT)/data_samples"
+	$(PY) tools/plot_metrics.py $(DEMO_OUT)/metrics.json --out $(DEMO_OUT)/curves
+	for kind in predictions saliency sr; do \
+	  $(PY) tools/visualize.py $$kind --config-file $(DEMO_CONFIG) --weights $(DEMO_OUT)/model_final.pth \
+	    --num 2 --out $(DEMO_OUT)/pictures || exit 1; done
+	@echo "demo done: metrics in $(DEMO_OUT)/final_metrics.json, curves in $(DEMO_OUT)/curves, pictures in $(DEMO_OUT)/pictures and $(DEMO_OUT)/data_samples"
 
 test: setup
 	$(PY) -m pytest -q tests

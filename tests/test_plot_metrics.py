@@ -76,3 +76,23 @@ def test_loading_sums_and_smoothing(tmp_path):
     panels = tool.loss_panels(series)
     labels = [label for label, _, _ in panels[0]["curves"]]
     assert labels[:2] == ["total_loss", "detection (sum)"] and "loss_sr" not in labels
+
+
+def test_compare_routing_overlays_runs(tmp_path):
+    plot_metrics = load_tool()
+    paths = []
+    for name, sign in (("sum", 1.0), ("project", -1.0)):
+        path = tmp_path / f"{name}.json"
+        with open(path, "w") as f:
+            for it in range(0, 100, 20):
+                f.write(json.dumps({"iteration": it, "routing/cosine": sign * it / 100,
+                                    "routing/conflict_fraction": 0.5}) + "\n")
+        paths.append(str(path))
+    out = tmp_path / "cmp.png"
+    written = plot_metrics.main([*paths, "--compare", "sum", "project", "--out", str(out)])
+    assert written == [str(out)]
+    with Image.open(out) as image:
+        assert image.size == (1000, 360)  # two 500 x 360 panels
+    import pytest
+    with pytest.raises(ValueError, match="labels"):
+        plot_metrics.compare_routing(paths, ["only one"], str(tmp_path / "x.png"))

@@ -159,13 +159,38 @@ def plot_metrics(metrics_path: str, out_dir: str = None, smooth: int = 1) -> Lis
     return written
 
 
+def compare_routing(metrics_paths: List[str], labels: List[str], out_path: str, smooth: int = 1) -> str:
+    """One PNG overlaying the routing/cosine and routing/conflict_fraction curves of several runs
+    (e.g. the sum / project / stop modes at equal iterations)."""
+    if len(labels) != len(metrics_paths):
+        raise ValueError(f"{len(labels)} labels for {len(metrics_paths)} metrics files")
+    runs = [load_metrics(p) for p in metrics_paths]
+    panels = []
+    for key in ("routing/cosine", "routing/conflict_fraction"):
+        curves = [(label, run[key], {"linewidth": 1.0}) for label, run in zip(labels, runs) if key in run]
+        if curves:
+            panels.append({"title": key, "curves": curves})
+    if not panels:
+        raise ValueError(f"no routing/* keys in {metrics_paths}")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    return _save_panels(out_path, panels, smooth)
+
+
 def main(argv=None) -> List[str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("metrics", help="path to a detectron2 metrics.json")
-    parser.add_argument("--out", default=None, help="output folder (default: next to metrics.json)")
+    parser.add_argument("metrics", nargs="+", help="path to a detectron2 metrics.json (several with --compare)")
+    parser.add_argument("--out", default=None, help="output folder (default: next to metrics.json); "
+                        "with --compare, the PNG file to write")
     parser.add_argument("--smooth", type=int, default=1, help="trailing moving-average window, in logged points")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL",
+                        help="overlay the routing curves of the given runs, one label per metrics.json")
     args = parser.parse_args(argv)
-    written = plot_metrics(args.metrics, args.out, args.smooth)
+    if args.compare:
+        written = [compare_routing(args.metrics, args.compare, args.out or "routing_comparison.png", args.smooth)]
+    elif len(args.metrics) > 1:
+        parser.error("several metrics.json files need --compare LABEL ...")
+    else:
+        written = plot_metrics(args.metrics[0], args.out, args.smooth)
     for path in written:
         print(path)
     return written
