@@ -80,7 +80,11 @@ def test_inference_path_leaves_out_training_only_parameters():
     assert "backbone.patch_embed.proj.weight" in used
     assert "transformer.query_embedding.weight" in used  # read by indexing, not by calling the module
     counts = benchmark.count_parameters(model, benchmark.random_inputs(64, 64))
-    assert counts["total"] - counts["inference"] == model.transformer.denoising.label_embedding.weight.numel()
+    # training-only: the CDN label embedding and the auxiliary (not last) decoder-layer class heads
+    heads = model.transformer.class_heads[: len(model.transformer.decoder.layers) - 1]
+    training_only = model.transformer.denoising.label_embedding.weight.numel() + sum(
+        p.numel() for head in heads for p in head.parameters())
+    assert counts["total"] - counts["inference"] == training_only
     assert benchmark.count_parameters(model)["inference"] == counts["total"]  # no inputs: everything
 
 
