@@ -22,10 +22,11 @@ Under DDP both backward passes run in ``no_sync`` and the gradients are averaged
 hand before they are combined, so the result equals one process with the whole batch and
 parameters unused in a phase (the SR decoder in phase 1) do not stall the reducer.
 """
+import contextlib
 import math
 import random
 import time
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from ..modeling.meta_arch import SR_LOSS_KEYS
@@ -80,20 +82,30 @@ def routing_statistics(sr_grads: List[torch.Tensor], det_grads: List[torch.Tenso
     return {"cosine": float(cosine), "conflict_fraction": float((dots < 0).double().mean())}
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def mean_over_ranks(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Element-wise mean of each tensor over all ranks, in one all-reduce of a flat buffer;
+    the tensors themselves when not distributed."""
+    if not _distributed() or not tensors:
+        return list(tensors)
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return list(_unflatten_dense_tensors(flat, tensors))
+
+
 def average_gradients_across_ranks(params: Iterable[torch.Tensor]) -> None:
     """All-reduce (mean) the ``.grad`` of ``params``; a missing gradient counts as zeros, so ranks
     whose batch did not reach a parameter still agree."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return
     params = list(params)
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p, g in zip(params, mean_over_ranks(grads)):
+        p.grad = g
 
 
 class GradientRoutingTrainer(SimpleTrainer):
@@ -169,7 +181,7 @@ class GradientRoutingTrainer(SimpleTrainer):
         self._seed_iteration(stage=1)
 
         distributed = isinstance(self.model, DistributedDataParallel)
-        with (self.model.no_sync() if distributed else _null()):
+        with (self.model.no_sync() if distributed else contextlib.nullcontext()):
             with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp):
                 loss_dict = self.model(data)
             self._check_finite(loss_dict)
@@ -236,7 +248,7 @@ class GradientRoutingTrainer(SimpleTrainer):
         shared = [(p, g) for p, g in zip(others, grads[len(sr_params):]) if g is not None]
         if distributed:
             average_gradients_across_ranks(params)
-            shared = _average_tensors(shared)
+            shared = list(zip([p for p, _ in shared], mean_over_ranks([g for _, g in shared])))
         if not shared:
             return None
         shared_params = [p for p, _ in shared]
@@ -267,25 +279,3 @@ def _accumulate(params, grads) -> None:
         if g is None:
             continue
         p.grad = g.clone() if p.grad is None else p.grad + g
-
-
-def _average_tensors(pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Mean over ranks of the second element of each pair (the SR gradients of shared parameters)."""
-    if not pairs:
-        return pairs
-    flat = torch.cat([g.reshape(-1) for _, g in pairs])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    out, offset = [], 0
-    for p, g in pairs:
-        out.append((p, flat[offset:offset + g.numel()].view_as(g)))
-        offset += g.numel()
-    return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -196,17 +196,20 @@ class SDCoNet(nn.Module):
         sr = self.sr_decoder(feats, images.tensor.shape[-2:]) if self.runs_sr else None
 
         if self.training:
-            targets = self.prepare_targets(batched_inputs, images)
-            outputs = self.transformer(levels, masks, targets)
-            losses = self.criterion(outputs, targets)
-            if outputs["saliency"] is not None:
-                losses.update(self.saliency_loss(outputs, batched_inputs, images))
-            if sr is not None:
-                losses.update(self.sr_loss(sr, images))
-            return losses
-
+            return self.training_losses(levels, masks, batched_inputs, images, sr)
         outputs = self.transformer(levels, masks, None)
         return self.postprocess(outputs, batched_inputs, images, lr, lr_sizes, sr)
+
+    def training_losses(self, levels, masks, batched_inputs, images: ImageList, sr=None) -> Dict[str, torch.Tensor]:
+        """Detection losses, plus ``loss_saliency`` when saliency is on and ``loss_sr`` for an SR image."""
+        targets = self.prepare_targets(batched_inputs, images)
+        outputs = self.transformer(levels, masks, targets)
+        losses = self.criterion(outputs, targets)
+        if outputs["saliency"] is not None:
+            losses.update(self.saliency_loss(outputs, batched_inputs, images))
+        if sr is not None:
+            losses.update(self.sr_loss(sr, images))
+        return losses
 
     def postprocess(self, outputs, batched_inputs, images: ImageList, lr, lr_sizes, sr=None):
         """Detections in input-image pixels, plus the SR / saliency extras when asked for."""

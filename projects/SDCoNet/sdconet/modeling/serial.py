@@ -45,13 +45,7 @@ class SerialSRDetector(SDCoNet):
         _, levels, masks = self.extract_features(detector_input, images.image_sizes)
 
         if self.training:
-            targets = self.prepare_targets(batched_inputs, images)
-            outputs = self.transformer(levels, masks, targets)
-            losses = self.criterion(outputs, targets)
-            if outputs["saliency"] is not None:
-                losses.update(self.saliency_loss(outputs, batched_inputs, images))
-            losses.update(self.sr_loss(sr, images))
-            return losses
+            return self.training_losses(levels, masks, batched_inputs, images, sr)
 
         outputs = self.transformer(levels, masks, None)
         return self.postprocess(outputs, batched_inputs, images, lr, lr_sizes, sr if self.return_sr else None)

@@ -156,16 +156,16 @@ class SalientDeformableEncoder(nn.Module):
                 continue
             index = selection.indices[:, :keep]
             expand = index[..., None].expand(-1, -1, channels)
-            query = output.gather(1, expand)
+            before = output.gather(1, expand)
             query_pos = pos.gather(1, expand)
             refs = flat_refs.gather(1, index[..., None].expand(-1, -1, flat_refs.shape[-1]))
             refs = refs.view(src.shape[0], keep, *reference_points.shape[2:])
             # Focus-DETR multi-category score x saliency, raw logits multiplied as in the release.
             with torch.no_grad():
-                rank_score = scorer(query).max(-1).values * saliency.gather(1, index)
-            query = layer.pre_attend(query, query_pos, rank_score)
+                rank_score = scorer(before).max(-1).values * saliency.gather(1, index)
+            query = layer.pre_attend(before, query_pos, rank_score)
             query = layer(query, query_pos, refs, value=src, spatial_shapes=shapes, value_padding_mask=padding_mask)
-            query = torch.where(own[:, :keep, None], query, output.gather(1, expand))
+            query = torch.where(own[:, :keep, None], query, before)
             output = output.scatter(1, expand, query)
 
         background = torch.cat([self.background_embedding(h, w) for h, w in shapes], 0).to(output.dtype)
