@@ -7,10 +7,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
-from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 
 from sdconet.config import add_sdconet_config
 from sdconet.modeling.backbone import (
@@ -93,6 +94,48 @@ def test_window_attention_matches_timm_on_whole_windows_and_does_not_wrap_when_p
     change = (shifted_window_attention(block, bumped) - shifted_window_attention(block, grid)).abs()
     assert torch.nonzero(change.sum((0, 2, 3)) > 1e-6).flatten().tolist() == [0, 1, 2]
     assert torch.nonzero(change.sum((0, 1, 3)) > 1e-6).flatten().tolist() == list(range(24, 31))
+
+
+def attention_on_the_zero_padded_grid(block, x):
+    """The textbook order: zero-pad the tokens, roll, timm's whole WindowAttention, undo, crop."""
+    _, height, width, channels = x.shape
+    win_h, win_w = block.window_size
+    x = F.pad(x, (0, 0, 0, (-width) % win_w, 0, (-height) % win_h))
+    shift = block.shift_size
+    if any(shift):
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    mask = block.get_attn_mask(x) if any(shift) else None
+    windows = window_partition(x, block.window_size).view(-1, win_h * win_w, channels)
+    windows = block.attn(windows, mask=mask).view(-1, win_h, win_w, channels)
+    x = window_reverse(windows, block.window_size, x.shape[1], x.shape[2])
+    if any(shift):
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
+    return x[:, :height, :width, :]
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+@pytest.mark.parametrize("size", [(16, 16), (8, 8), (9, 13), (14, 14)])
+def test_padding_tokens_are_not_projected_but_the_result_is_unchanged(shift, size):
+    """Only real tokens go through qkv / proj; values and gradients match the padded computation."""
+    torch.manual_seed(0)
+    block = SwinTransformerBlock(dim=12, input_resolution=(7, 7), num_heads=3, window_size=7, shift_size=shift,
+                                 always_partition=True, dynamic_mask=True).eval()
+    x = torch.randn(2, *size, 12, requires_grad=True)
+    with FlopCounterMode(display=False) as ours_flops:
+        ours = shifted_window_attention(block, x)
+    with FlopCounterMode(display=False) as reference_flops:
+        reference = attention_on_the_zero_padded_grid(block, x)
+    # qkv (12 -> 36) and proj (12 -> 12) on the real tokens, attention on the whole padded windows.
+    real_tokens = 2 * size[0] * size[1]
+    windows = 2 * math.ceil(size[0] / 7) * math.ceil(size[1] / 7)
+    assert ours_flops.get_total_flops() == 2 * real_tokens * 12 * 48 + 2 * (2 * windows * 49 * 49 * 12)
+    padded = size[0] % 7 or size[1] % 7
+    assert (ours_flops.get_total_flops() < reference_flops.get_total_flops()) == bool(padded)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    inputs = [x, *block.attn.parameters()]
+    for got, want in zip(torch.autograd.grad(ours.square().sum(), inputs),
+                         torch.autograd.grad(reference.square().sum(), inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("freeze_at, frozen_prefixes", [

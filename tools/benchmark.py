@@ -56,9 +56,7 @@ with warnings.catch_warnings():
 # ----------------------------------------------------------------------------- model
 
 
-def build_benchmark_model(config_file: str, opts: Optional[List[str]] = None, device: str = "cpu") -> nn.Module:
-    """The detectron2 model of a config on ``device``, in eval mode (random weights: cost does not
-    depend on them)."""
+def benchmark_cfg(config_file: str, opts: Optional[List[str]] = None, device: str = "cpu"):
     cfg = get_cfg()
     sdconet.add_sdconet_config(cfg)
     cfg.merge_from_file(config_file)
@@ -66,7 +64,13 @@ def build_benchmark_model(config_file: str, opts: Optional[List[str]] = None, de
     cfg.MODEL.DEVICE = device
     sdconet.check_sdconet_config(cfg)
     cfg.freeze()
-    return build_model(cfg).eval()
+    return cfg
+
+
+def build_benchmark_model(config_file: str, opts: Optional[List[str]] = None, device: str = "cpu") -> nn.Module:
+    """The detectron2 model of a config on ``device``, in eval mode (random weights: cost does not
+    depend on them)."""
+    return build_model(benchmark_cfg(config_file, opts, device)).eval()
 
 
 def random_inputs(height: int, width: int, device: str = "cpu", seed: int = 0) -> List[Dict]:
@@ -507,12 +511,18 @@ def synthetic_training_batch(height: int, width: int, device: str, batch: int = 
     return items
 
 
-def measure_training_step(model: nn.Module, batch: List[Dict], warmup: int = 1, iters: int = 3) -> Dict:
-    """Median wall time of forward + backward + AdamW step in training mode, in ms, and the peak
-    memory: CUDA allocator peak on GPU, the process's peak RSS (everything so far) on CPU."""
+def measure_training_step(model: nn.Module, batch: List[Dict], warmup: int = 1, iters: int = 3,
+                          optimizer: Optional[torch.optim.Optimizer] = None) -> Dict:
+    """Median wall time of forward + backward + optimizer step in training mode, in ms, and the
+    peak memory: CUDA allocator peak on GPU, the process's peak RSS (everything so far) on CPU.
+
+    ``optimizer``: the one training uses (the page passes ``Trainer.build_optimizer``'s: full-model
+    gradient clipping + AdamW); None = a plain AdamW.
+    """
     cuda = next(model.parameters()).device.type == "cuda"
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -552,12 +562,16 @@ PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def measure_config(config_file: str, height: int, width: int, device: str, warmup: int, iters: int,
                    train_iters: int, seed: int = 0) -> Dict:
     """Everything the page lists for one config (run in a fresh process for a clean peak memory)."""
-    model = build_benchmark_model(config_file, [], device)
+    from sdconet.engine.trainer import build_sdconet_optimizer
+    cfg = benchmark_cfg(config_file, [], device)
+    model = build_model(cfg).eval()
     inputs = random_inputs(height, width, device, seed)
     params = count_parameters(model, inputs)
     gflops = count_gflops(model, inputs)
     latency = measure_latency(model, inputs, warmup, iters)
-    train = measure_training_step(model, synthetic_training_batch(height, width, device, seed=seed), 1, train_iters)
+    # The training optimizer of the package being measured (its own, for a baseline commit).
+    train = measure_training_step(model, synthetic_training_batch(height, width, device, seed=seed), 1, train_iters,
+                                  optimizer=build_sdconet_optimizer(cfg, model))
     return {"config_file": config_file, "params_inference": params["inference"], "params_total": params["total"],
             "gflops": gflops["total"], "latency_ms": latency["median_ms"], "train_step_ms": train["median_ms"],
             "train_batch": train["batch"], "peak_memory_mb": train["peak_memory_mb"],
@@ -641,7 +655,8 @@ def format_page(result: Dict) -> str:
         f"{m.get('load_average_1min', '?')}",
         f"- input: one {h}x{w} HR image (the models degrade it x2 inside, except DINO on HR); random weights; "
         "GFLOPs from fvcore (1 multiply-add = 1 flop); eval latency = median of the timed eval forwards; "
-        f"training step = forward + backward + AdamW step on a batch of {any_row['train_batch']} with 8 "
+        f"training step = forward + backward + the training optimizer's step (`Trainer.build_optimizer`: "
+        f"full-model gradient clipping + AdamW) on a batch of {any_row['train_batch']} with 8 "
         f"boxes each; peak memory = {any_row['peak_memory_kind']}.",
         "",
         "| model | config | inference params (M) | GFLOPs | eval latency (ms) | training step (ms) | peak memory (MiB) "

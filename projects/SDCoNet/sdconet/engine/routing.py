@@ -199,7 +199,10 @@ class GradientRoutingTrainer(SimpleTrainer):
             storage.put_scalar("routing/conflict_fraction", stats["conflict_fraction"], smoothing_hint=False)
 
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # unscales, then the optimizer clips and steps
+            # Unscale first: the optimizer clips before it steps, and a fused kernel would
+            # otherwise receive the scale and clip scaled gradients.
+            self.scaler.unscale_(self.optimizer)
+            self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()

@@ -1,0 +1,63 @@
+"""The training optimizer: parameter groups, full-model clipping and the fused AdamW kernel."""
+import copy
+import os
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import sdconet
+from sdconet.engine.trainer import build_sdconet_optimizer, fused_kernel_available
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs/quick_schedules/sdconet_tiny_synthetic.yaml")
+
+
+def tiny_model_and_cfg():
+    cfg = get_cfg()
+    sdconet.add_sdconet_config(cfg)
+    cfg.merge_from_file(TINY)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "SOLVER.FULL_MODEL_CLIP_NORM", 0.1])
+    torch.manual_seed(0)
+    return build_model(cfg), cfg
+
+
+def test_fused_adamw_makes_the_same_update_as_the_reference_loop():
+    model, cfg = tiny_model_and_cfg()
+    optimizer = build_sdconet_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["fused"], "CPU float parameters should get the fused kernel"
+    lrs = sorted(group["lr"] for group in optimizer.param_groups)
+    assert lrs == pytest.approx([cfg.SOLVER.BASE_LR * cfg.SOLVER.BACKBONE_MULTIPLIER, cfg.SOLVER.BASE_LR])
+
+    reference_model = copy.deepcopy(model)
+    reference_groups = [
+        {**{k: v for k, v in group.items() if k != "params"},
+         "params": [dict(reference_model.named_parameters())[name] for name, p in model.named_parameters()
+                    if any(p is q for q in group["params"])]}
+        for group in optimizer.param_groups]
+    for group in reference_groups:
+        group.update(fused=None, foreach=False)  # the textbook per-tensor loop
+    reference = torch.optim.AdamW(reference_groups, lr=cfg.SOLVER.BASE_LR)
+
+    before = model.backbone.patch_embed.proj.weight.detach().clone()
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), reference_model.parameters()):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        optimizer.step()  # clips the whole model to 0.1, then fused AdamW
+        torch.nn.utils.clip_grad_norm_(list(reference_model.parameters()), 0.1)
+        reference.step()
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    assert not torch.allclose(model.backbone.patch_embed.proj.weight, before), "the steps must move the weights"
+
+
+def test_fused_kernel_is_refused_for_mixed_or_integer_parameters():
+    floats = [torch.nn.Parameter(torch.zeros(2))]
+    assert fused_kernel_available([{"params": floats}])
+    assert not fused_kernel_available([{"params": []}])
+    meta = [torch.nn.Parameter(torch.zeros(2, device="meta"))]
+    assert not fused_kernel_available([{"params": floats + meta}])
