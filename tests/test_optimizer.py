@@ -61,3 +61,27 @@ def test_fused_kernel_is_refused_for_mixed_or_integer_parameters():
     assert not fused_kernel_available([{"params": []}])
     meta = [torch.nn.Parameter(torch.zeros(2, device="meta"))]
     assert not fused_kernel_available([{"params": floats + meta}])
+
+
+def test_a_gradient_laid_out_unlike_its_parameter_gets_the_reference_update():
+    """torch's fused CPU AdamW reads the gradient with the parameter's strides; the optimizer
+    re-lays such gradients out first (routing's autograd.grad can produce them)."""
+    model, cfg = tiny_model_and_cfg()
+    optimizer = build_sdconet_optimizer(cfg, model)
+    weight = model.sr_decoder.stages[0].expand.weight  # (in, out, 2, 2) transposed convolution
+    start = weight.detach().clone()
+    gradient = torch.randn(weight.shape[0], weight.shape[2], weight.shape[3], weight.shape[1]).permute(0, 3, 1, 2)
+    assert gradient.stride() != weight.stride()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    weight.grad = gradient.clone(memory_format=torch.preserve_format)
+    optimizer.step()
+
+    reference_weight = torch.nn.Parameter(start.clone())
+    reference_weight.grad = gradient.contiguous()
+    group = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
+    reference = torch.optim.AdamW([reference_weight], lr=group["lr"], weight_decay=group["weight_decay"], foreach=False)
+    scale = min(1.0, 0.1 / (gradient.norm().item() + 1e-6))  # the full-model clipping (other grads are 0)
+    reference_weight.grad.mul_(scale)
+    reference.step()
+    torch.testing.assert_close(weight.detach(), reference_weight.detach(), rtol=1e-5, atol=1e-7)

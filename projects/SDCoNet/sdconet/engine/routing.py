@@ -278,7 +278,12 @@ class GradientRoutingTrainer(SimpleTrainer):
 
 
 def _accumulate(params, grads) -> None:
+    """``p.grad += g``, keeping the parameter's memory layout as autograd's own accumulation does
+    (``autograd.grad`` results may be laid out otherwise, e.g. for transposed convolutions)."""
     for p, g in zip(params, grads):
         if g is None:
             continue
-        p.grad = g.clone() if p.grad is None else p.grad + g
+        if p.grad is None:
+            p.grad = torch.empty_like(p).copy_(g)
+        else:
+            p.grad.add_(g)

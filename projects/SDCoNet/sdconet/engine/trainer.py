@@ -64,6 +64,28 @@ def with_full_model_clipping(optimizer_cls, max_norm: float):
     return FullModelClipped
 
 
+def with_gradients_laid_out_like_parameters(optimizer_cls):
+    """Subclass ``optimizer_cls`` so ``step()`` first copies any gradient whose strides differ from
+    its parameter's into the parameter's layout.
+
+    torch's fused CPU AdamW walks gradient and parameter with the parameter's strides: a
+    gradient laid out otherwise (``autograd.grad`` results of a transposed convolution, summed
+    by the routing step) gets a wrong update. Autograd's own accumulation never produces such
+    gradients, so this is normally a no-op loop.
+    """
+
+    class LayoutSafe(optimizer_cls):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None and param.grad.stride() != param.stride():
+                        param.grad = torch.empty_like(param).copy_(param.grad)
+            return super().step(closure=closure)
+
+    LayoutSafe.__name__ = f"LayoutSafe{optimizer_cls.__name__}"
+    return LayoutSafe
+
+
 def fused_kernel_available(groups) -> bool:
     """Whether torch's fused AdamW kernel can take these parameters (floating point, CPU or CUDA).
 
@@ -78,8 +100,10 @@ def fused_kernel_available(groups) -> bool:
 def build_sdconet_optimizer(cfg, model):
     groups = build_param_groups(model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.BACKBONE_MULTIPLIER)
     if cfg.SOLVER.OPTIMIZER == "ADAMW":
-        cls = with_full_model_clipping(torch.optim.AdamW, cfg.SOLVER.FULL_MODEL_CLIP_NORM)
-        return cls(groups, lr=cfg.SOLVER.BASE_LR, fused=fused_kernel_available(groups))
+        fused = fused_kernel_available(groups)
+        cls = with_gradients_laid_out_like_parameters(torch.optim.AdamW) if fused else torch.optim.AdamW
+        cls = with_full_model_clipping(cls, cfg.SOLVER.FULL_MODEL_CLIP_NORM)
+        return cls(groups, lr=cfg.SOLVER.BASE_LR, fused=fused)
     cls = with_full_model_clipping(torch.optim.SGD, cfg.SOLVER.FULL_MODEL_CLIP_NORM)
     return cls(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM)
 
