@@ -220,7 +220,7 @@ class GradientRoutingTrainer(SimpleTrainer):
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops, none waits in a collective
         if bool(finite):
             return
-        bad = {k: float(v) for k, v in loss_dict.items() if not math.isfinite(float(v))} or "on another rank"
+        bad = {k: float(v.detach()) for k, v in loss_dict.items() if not math.isfinite(float(v.detach()))} or "on another rank"
         raise FloatingPointError(
             f"Non-finite loss at iteration {self.iter}: {bad}. No update was made from it; the last "
             "checkpoint in OUTPUT_DIR is intact (resume with --resume, perhaps with a lower SOLVER.BASE_LR)")
