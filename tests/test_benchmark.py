@@ -165,3 +165,8 @@ def test_page_row_and_page_format(tmp_path):
     lines = [line for line in page.splitlines() if line.startswith(f"| {names[1]} ")]
     assert lines and lines[0].rstrip(" |").split("|")[-3:] == [" 2.00 ", " 3.00 ", " 1.00"]
     assert "| speed-up | x2.00 | x1.50 |" in page
+    # The floor: the dense multiply-adds at the best matrix-product throughput of the run.
+    assert row["train_gmacs"] > row["gflops"] > 0 and row["gemm_peak_gmacs"] > 1
+    floor_ms = row["gflops"] / max(row["gemm_peak_gmacs"], other["gemm_peak_gmacs"]) * 1000
+    assert f"| eval forward (fvcore) | {row['gflops']:.1f} | {floor_ms:.0f} | {row['latency_ms']:.0f} |" in page
+    assert f"would need {20.0 / 1.5:.0f} ms (eval" in page

@@ -548,6 +548,34 @@ def measure_training_step(model: nn.Module, batch: List[Dict], warmup: int = 1, 
             "peak_memory_kind": "CUDA allocator peak" if cuda else "process peak RSS"}
 
 
+def training_gmacs(model: nn.Module, batch: List[Dict]) -> float:
+    """Multiply-adds of one training forward + backward in G, as torch's FlopCounterMode counts
+    them (matrix products, convolutions, attention: the dense maths; sampling is left out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        sum(model(batch).values()).backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return counter.get_total_flops() / 2e9  # it counts 2 flops per multiply-add
+
+
+def gemm_peak_gmacs(device: str, size: int = 2048, repeats: int = 5) -> float:
+    """The best fp32 matrix-product throughput seen on ``device``, in G multiply-adds per second:
+    what the dense maths of a step could run at, at most."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return size**3 / best / 1e9
+
+
 # ----------------------------------------------------------------------------- benchmark page
 
 PAGE_MODELS = (
@@ -570,12 +598,14 @@ def measure_config(config_file: str, height: int, width: int, device: str, warmu
     gflops = count_gflops(model, inputs)
     latency = measure_latency(model, inputs, warmup, iters)
     # The training optimizer of the package being measured (its own, for a baseline commit).
-    train = measure_training_step(model, synthetic_training_batch(height, width, device, seed=seed), 1, train_iters,
-                                  optimizer=build_sdconet_optimizer(cfg, model))
+    batch = synthetic_training_batch(height, width, device, seed=seed)
+    train = measure_training_step(model, batch, 1, train_iters, optimizer=build_sdconet_optimizer(cfg, model))
+    train_gmacs = training_gmacs(model, batch)
     return {"config_file": config_file, "params_inference": params["inference"], "params_total": params["total"],
             "gflops": gflops["total"], "latency_ms": latency["median_ms"], "train_step_ms": train["median_ms"],
             "train_batch": train["batch"], "peak_memory_mb": train["peak_memory_mb"],
-            "peak_memory_kind": train["peak_memory_kind"], "threads": torch.get_num_threads()}
+            "peak_memory_kind": train["peak_memory_kind"], "threads": torch.get_num_threads(),
+            "train_gmacs": train_gmacs, "gemm_peak_gmacs": gemm_peak_gmacs(device)}
 
 
 def _measure_in_subprocess(config_file: str, args, pythonpath: Optional[str] = None, cwd: Optional[str] = None) -> Dict:
@@ -669,6 +699,22 @@ def format_page(result: Dict) -> str:
             f"{r['latency_ms']:.1f} | {r['train_step_ms']:.0f} | {r['peak_memory_mb']:.0f} | "
             f"{r['gflops'] / ref['gflops']:.2f} | {r['latency_ms'] / ref['latency_ms']:.2f} | "
             f"{r['train_step_ms'] / ref['train_step_ms']:.2f} |")
+    peak = max(r["gemm_peak_gmacs"] for r in rows.values())
+    eval_floor, train_floor = ref["gflops"] / peak * 1000, ref["train_gmacs"] / peak * 1000
+    lines += [
+        "",
+        "## SDCoNet against the machine's limit",
+        "",
+        f"The dense maths alone, run at the best fp32 matrix-product throughput measured in this run "
+        f"({peak:.0f} G multiply-adds/s), sets a floor no implementation of the same fp32 model can beat:",
+        "",
+        "| | multiply-adds (G) | floor (ms) | measured (ms) | measured / floor |",
+        "|---|---|---|---|---|",
+        f"| eval forward (fvcore) | {ref['gflops']:.1f} | {eval_floor:.0f} | {ref['latency_ms']:.0f} | "
+        f"{ref['latency_ms'] / eval_floor:.2f} |",
+        f"| training step, forward + backward (torch FlopCounterMode) | {ref['train_gmacs']:.1f} | {train_floor:.0f} | "
+        f"{ref['train_step_ms']:.0f} | {ref['train_step_ms'] / train_floor:.2f} |",
+    ]
     base = result.get("baseline")
     if base:
         b, a = base["before"], base["after"]
@@ -683,6 +729,10 @@ def format_page(result: Dict) -> str:
             f"| before ({base['commit'][:12]}) | {b['latency_ms']:.1f} | {b['train_step_ms']:.0f} |",
             f"| now | {a['latency_ms']:.1f} | {a['train_step_ms']:.0f} |",
             f"| speed-up | x{b['latency_ms'] / a['latency_ms']:.2f} | x{b['train_step_ms'] / a['train_step_ms']:.2f} |",
+            "",
+            f"A 1.5x speed-up over the baseline would need {b['latency_ms'] / 1.5:.0f} ms (eval, "
+            f"{b['latency_ms'] / 1.5 / eval_floor:.2f}x the floor) and {b['train_step_ms'] / 1.5:.0f} ms (training step, "
+            f"{b['train_step_ms'] / 1.5 / train_floor:.2f}x the floor).",
         ]
     return "\n".join(lines) + "\n"
 
