@@ -52,6 +52,7 @@ with warnings.catch_warnings():
     from fvcore.nn.jit_handles import get_shape
 
     import sdconet
+    from sdconet.engine.trainer import build_sdconet_optimizer
 
 # ----------------------------------------------------------------------------- model
 
@@ -590,7 +591,6 @@ PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def measure_config(config_file: str, height: int, width: int, device: str, warmup: int, iters: int,
                    train_iters: int, seed: int = 0) -> Dict:
     """Everything the page lists for one config (run in a fresh process for a clean peak memory)."""
-    from sdconet.engine.trainer import build_sdconet_optimizer
     cfg = benchmark_cfg(config_file, [], device)
     model = build_model(cfg).eval()
     inputs = random_inputs(height, width, device, seed)
