@@ -26,6 +26,7 @@ from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformerBlock
 
 from .backbone import swin_block_forward
+from .matmul_conv import MatmulConv2d, MatmulConvTranspose2x2
 
 __all__ = ["SRDecoder", "SR_HEADS"]
 
@@ -52,7 +53,7 @@ class ExpandStage(nn.Module):
     def __init__(self, in_dim: int, blocks: Sequence[SwinTransformerBlock]):
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
-        self.expand = nn.ConvTranspose2d(in_dim, in_dim // 2, kernel_size=2, stride=2, bias=False)
+        self.expand = MatmulConvTranspose2x2(in_dim, in_dim // 2, bias=False)  # = nn.ConvTranspose2d(k2, s2)
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,7 @@ class SRDecoder(nn.Module):
 
         # Spec §2 "neck SR bottleneck": kept here so it is frozen / skipped with the SR branch.
         self.bottleneck = nn.Sequential(
-            nn.Conv2d(widths[0], bottleneck_dim, kernel_size=3, stride=2, padding=1, bias=False),
+            MatmulConv2d(widths[0], bottleneck_dim, kernel_size=3, stride=2, padding=1, bias=False),
             nn.GroupNorm(32, bottleneck_dim),
         )
         drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
