@@ -151,8 +151,9 @@ def test_cost_models():
 
 def test_page_row_and_page_format(tmp_path):
     """One benchmark-page row of the tiny config, then the page built from two such rows."""
-    row = benchmark.measure_config(TINY, 64, 64, "cpu", warmup=0, iters=1, train_iters=1)
+    row = benchmark.measure_config(TINY, 64, 64, "cpu", warmup=0, iters=1, train_iters=1, train_warmup=2)
     assert row["params_inference"] > 0 and row["gflops"] > 0
+    assert (row["train_warmup"], row["train_iters"], row["latency_warmup"], row["latency_iters"]) == (2, 1, 0, 1)
     assert row["latency_ms"] > 0 and row["train_step_ms"] > 0 and row["peak_memory_mb"] > 100
     other = dict(row, gflops=2 * row["gflops"], latency_ms=3 * row["latency_ms"])
     names = [name for name, _ in benchmark.PAGE_MODELS[:2]]
@@ -160,8 +161,13 @@ def test_page_row_and_page_format(tmp_path):
               "rows": {names[0]: row, names[1]: other}, "input_size_hr": [64, 64], "device": "cpu",
               "baseline": {"before": {"latency_ms": 20.0, "train_step_ms": 300.0},
                            "after": {"latency_ms": 10.0, "train_step_ms": 200.0}, "commit": "0123456789abcdef",
-                           "rounds": 2}}
+                           "rounds": 2,
+                           "per_round": [{"latency_ms": (22.0, 10.0), "train_step_ms": (300.0, 250.0)},
+                                         {"latency_ms": (18.0, 10.0), "train_step_ms": (300.0, 150.0)}]}}
     page = benchmark.format_page(result)
+    assert "| 1 | 22.0 / 10.0 | x2.20 | 300 / 250 | x1.20 |" in page
+    assert "| 2 | 18.0 / 10.0 | x1.80 | 300 / 150 | x2.00 |" in page
+    assert "median of 1 steps after 2 untimed ones" in page
     lines = [line for line in page.splitlines() if line.startswith(f"| {names[1]} ")]
     assert lines and lines[0].rstrip(" |").split("|")[-3:] == [" 2.00 ", " 3.00 ", " 1.00"]
     assert "| speed-up | x2.00 | x1.50 |" in page

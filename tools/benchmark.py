@@ -545,7 +545,8 @@ def measure_training_step(model: nn.Module, batch: List[Dict], warmup: int = 1, 
     else:
         import resource
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"median_ms": statistics.median(times), "iters": iters, "batch": len(batch), "peak_memory_mb": peak_mb,
+    return {"median_ms": statistics.median(times), "iters": iters, "warmup": warmup, "batch": len(batch),
+            "peak_memory_mb": peak_mb,
             "peak_memory_kind": "CUDA allocator peak" if cuda else "process peak RSS"}
 
 
@@ -589,7 +590,7 @@ PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 def measure_config(config_file: str, height: int, width: int, device: str, warmup: int, iters: int,
-                   train_iters: int, seed: int = 0) -> Dict:
+                   train_iters: int, seed: int = 0, train_warmup: int = 4) -> Dict:
     """Everything the page lists for one config (run in a fresh process for a clean peak memory)."""
     cfg = benchmark_cfg(config_file, [], device)
     model = build_model(cfg).eval()
@@ -599,11 +600,12 @@ def measure_config(config_file: str, height: int, width: int, device: str, warmu
     latency = measure_latency(model, inputs, warmup, iters)
     # The training optimizer of the package being measured (its own, for a baseline commit).
     batch = synthetic_training_batch(height, width, device, seed=seed)
-    train = measure_training_step(model, batch, 1, train_iters, optimizer=build_sdconet_optimizer(cfg, model))
+    train = measure_training_step(model, batch, train_warmup, train_iters, optimizer=build_sdconet_optimizer(cfg, model))
     train_gmacs = training_gmacs(model, batch)
     return {"config_file": config_file, "params_inference": params["inference"], "params_total": params["total"],
             "gflops": gflops["total"], "latency_ms": latency["median_ms"], "train_step_ms": train["median_ms"],
-            "train_batch": train["batch"], "peak_memory_mb": train["peak_memory_mb"],
+            "train_batch": train["batch"], "train_warmup": train["warmup"], "train_iters": train["iters"],
+            "latency_warmup": latency["warmup"], "latency_iters": latency["iters"], "peak_memory_mb": train["peak_memory_mb"],
             "peak_memory_kind": train["peak_memory_kind"], "threads": torch.get_num_threads(),
             "train_gmacs": train_gmacs, "gemm_peak_gmacs": gemm_peak_gmacs(device)}
 
@@ -615,7 +617,8 @@ def _measure_in_subprocess(config_file: str, args, pythonpath: Optional[str] = N
         out = os.path.join(tmp, "m.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--measure", config_file, "--json", out,
                "--input-size", *map(str, args.input_size), "--device", args.device, "--warmup", str(args.warmup),
-               "--iters", str(args.iters), "--train-iters", str(args.train_iters)]
+               "--iters", str(args.iters), "--train-iters", str(args.train_iters),
+               "--train-warmup", str(args.train_warmup)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         env = dict(os.environ)
@@ -657,6 +660,9 @@ def run_page(args, machine: Dict, command: str) -> Dict:
             runs["after"].append(_measure_in_subprocess(config, args))
         comparison = {k: {q: statistics.median(r[q] for r in v) for q in ("latency_ms", "train_step_ms")}
                       for k, v in runs.items()}
+        # Each round measures both back to back, so its ratio is the least exposed to machine drift.
+        comparison["per_round"] = [{q: (b[q], a[q]) for q in ("latency_ms", "train_step_ms")}
+                                   for b, a in zip(runs["before"], runs["after"])]
         comparison["commit"] = args.baseline_commit
         comparison["rounds"] = args.rounds
     result = {"command": command, "machine": machine, "rows": rows, "baseline": comparison,
@@ -684,8 +690,12 @@ def format_page(result: Dict) -> str:
         f"- device {result['device']}, {any_row['threads']} threads; load average before the run: "
         f"{m.get('load_average_1min', '?')}",
         f"- input: one {h}x{w} HR image (the models degrade it x2 inside, except DINO on HR); random weights; "
-        "GFLOPs from fvcore (1 multiply-add = 1 flop); eval latency = median of the timed eval forwards; "
-        f"training step = forward + backward + the training optimizer's step (`Trainer.build_optimizer`: "
+        "GFLOPs from fvcore (1 multiply-add = 1 flop); "
+        f"eval latency = median of {any_row.get('latency_iters', '?')} eval forwards after "
+        f"{any_row.get('latency_warmup', '?')} untimed ones; "
+        f"training step = median of {any_row.get('train_iters', '?')} steps after {any_row.get('train_warmup', '?')} "
+        "untimed ones (a process's first 3-4 steps grow its heap: page faults cost seconds of system time "
+        "there), each forward + backward + the training optimizer's step (`Trainer.build_optimizer`: "
         f"full-model gradient clipping + AdamW) on a batch of {any_row['train_batch']} with 8 "
         f"boxes each; peak memory = {any_row['peak_memory_kind']}.",
         "",
@@ -730,6 +740,15 @@ def format_page(result: Dict) -> str:
             f"| now | {a['latency_ms']:.1f} | {a['train_step_ms']:.0f} |",
             f"| speed-up | x{b['latency_ms'] / a['latency_ms']:.2f} | x{b['train_step_ms'] / a['train_step_ms']:.2f} |",
             "",
+        ]
+        if base.get("per_round"):
+            lines += ["Each round on its own (before / now, ms):", "",
+                      "| round | eval latency | speed-up | training step | speed-up |", "|---|---|---|---|---|"]
+            for i, r in enumerate(base["per_round"], 1):
+                (le, ln), (te, tn) = r["latency_ms"], r["train_step_ms"]
+                lines.append(f"| {i} | {le:.1f} / {ln:.1f} | x{le / ln:.2f} | {te:.0f} / {tn:.0f} | x{te / tn:.2f} |")
+            lines.append("")
+        lines += [
             f"A 1.5x speed-up over the baseline would need {b['latency_ms'] / 1.5:.0f} ms (eval, "
             f"{b['latency_ms'] / 1.5 / eval_floor:.2f}x the floor) and {b['train_step_ms'] / 1.5:.0f} ms (training step, "
             f"{b['train_step_ms'] / 1.5 / train_floor:.2f}x the floor).",
@@ -744,7 +763,10 @@ def parse_args(argv=None):
     parser.add_argument("--page", default=PAGE, help="where --all writes the page")
     parser.add_argument("--baseline-commit", metavar="SHA", help="with --all: also measure SDCoNet at this commit")
     parser.add_argument("--rounds", type=int, default=2, help="alternating before/after rounds for --baseline-commit")
-    parser.add_argument("--train-iters", type=int, default=3, help="timed training steps per model (after 1 warm-up)")
+    parser.add_argument("--train-iters", type=int, default=3, help="timed training steps per model")
+    parser.add_argument("--train-warmup", type=int, default=4,
+                        help="untimed training steps first: a process's first 3-4 steps grow its heap (page "
+                             "faults, seconds of system time on CPU), which a long training run pays only once")
     parser.add_argument("--measure", metavar="FILE", help=argparse.SUPPRESS)  # one page row, used by --all
     parser.add_argument("--input-size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
                         help="HR image size given to the model (it degrades it itself)")
@@ -777,7 +799,7 @@ def main(argv=None) -> Dict:
     if args.measure:
         try:
             row = measure_config(args.measure, *args.input_size, args.device, args.warmup, args.iters, args.train_iters,
-                                 args.seed)
+                                 args.seed, args.train_warmup)
         finally:
             torch.set_num_threads(previous_threads)
         with open(args.json, "w") as f:
