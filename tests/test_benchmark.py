@@ -176,3 +176,14 @@ def test_page_row_and_page_format(tmp_path):
     floor_ms = row["gflops"] / max(row["gemm_peak_gmacs"], other["gemm_peak_gmacs"]) * 1000
     assert f"| eval forward (fvcore) | {row['gflops']:.1f} | {floor_ms:.0f} | {row['latency_ms']:.0f} |" in page
     assert f"would need {20.0 / 1.5:.0f} ms (eval" in page
+
+
+def test_rewriting_the_page_keeps_the_hand_written_part(tmp_path):
+    page = tmp_path / "BENCHMARKS.md"
+    assert benchmark.kept_notes(str(page)) == ""  # no page yet
+    page.write_text("# old measured part\n| 1 | 2 |\n")
+    assert benchmark.kept_notes(str(page)) == ""  # no marker: nothing is hand-written
+    notes = benchmark.NOTES_MARKER + "\n\n## GPU\n\nmeasured by hand\n"
+    page.write_text("# old measured part\n| 1 | 2 |\n\n" + notes)
+    kept = benchmark.kept_notes(str(page))
+    assert kept.strip() == notes.strip() and "old measured part" not in kept

@@ -642,6 +642,21 @@ def _baseline_worktree(commit: str) -> str:
     return path
 
 
+# Everything from this line on in an existing page is written by hand (GPU runs, analysis) and is
+# carried over when --all rewrites the measured part above it.
+NOTES_MARKER = "<!-- Written by hand below this line; tools/benchmark.py --all keeps it. -->"
+
+
+def kept_notes(page: str) -> str:
+    """The hand-written part of an existing page (from ``NOTES_MARKER`` on), or ''."""
+    if not os.path.exists(page):
+        return ""
+    with open(page) as f:
+        text = f.read()
+    start = text.find(NOTES_MARKER)
+    return "" if start < 0 else "\n" + text[start:]
+
+
 def run_page(args, machine: Dict, command: str) -> Dict:
     """Measure the page's models (and the baseline commit) and write BENCHMARKS.md."""
     rows = {}
@@ -667,7 +682,7 @@ def run_page(args, machine: Dict, command: str) -> Dict:
         comparison["rounds"] = args.rounds
     result = {"command": command, "machine": machine, "rows": rows, "baseline": comparison,
               "input_size_hr": args.input_size, "device": args.device}
-    text = format_page(result)
+    text = format_page(result) + kept_notes(args.page)
     print(text)
     with open(args.page, "w") as f:
         f.write(text)

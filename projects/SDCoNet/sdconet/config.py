@@ -95,7 +95,8 @@ def add_sdconet_config(cfg):
 
     # ---------------------------------------------------------------- contrastive denoising
     _C.MODEL.SDCONET.DN = CN()
-    # Total denoising queries per image (positive and negative pairs share it; spec: 100).
+    # Positive denoising queries per image (spec: 100). As in DINO / mmdet, every group adds as many
+    # negatives, so the DN part holds up to 2x this (one group of 2 x the objects if an image has more).
     _C.MODEL.SDCONET.DN.NUM_QUERIES = 100
     # Label noise: a fraction LABEL_NOISE * 0.5 of DN labels is replaced at random.
     _C.MODEL.SDCONET.DN.LABEL_NOISE = 0.5
