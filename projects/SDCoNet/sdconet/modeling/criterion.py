@@ -87,8 +87,9 @@ class DINOCriterion(nn.Module):
         sets = [(outputs, "")] + [(aux, f"_{i}") for i, aux in enumerate(aux_outputs)]
         if outputs.get("enc_outputs") is not None:
             sets.append((outputs["enc_outputs"], "_enc"))
-        for prediction, suffix in sets:
-            indices = self.matcher(prediction["pred_logits"], prediction["pred_boxes"], targets)
+        # All sets are matched in one call: one host round trip for the Hungarian matching.
+        all_indices = self.matcher.match_sets([(p["pred_logits"], p["pred_boxes"]) for p, _ in sets], targets)
+        for (prediction, suffix), indices in zip(sets, all_indices):
             self._add(losses, self.set_losses(prediction, targets, indices, normalizer), suffix)
 
         dn_suffixes = [f"_dn_{i}" for i in range(len(aux_outputs))] + ["_dn"]

@@ -1,5 +1,5 @@
 """One-to-one assignment of predictions to ground-truth boxes (DETR / DINO Hungarian matching)."""
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,19 +51,36 @@ class HungarianMatcher(nn.Module):
         Returns:
             per image (pred_idx, tgt_idx), int64 on the predictions' device, sorted by pred_idx.
         """
-        device = pred_logits.device
-        indices = []
+        return self.match_sets([(pred_logits, pred_boxes)], targets)[0]
+
+    @torch.no_grad()
+    def match_sets(self, predictions: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                   targets: List[Dict[str, torch.Tensor]]) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """:meth:`forward` for several prediction sets (the decoder layers, the encoder) at once.
+
+        scipy matches on the host, so the cost matrices of all sets and images travel there in one
+        transfer and the assignments come back in one: on CUDA one device sync per training step
+        instead of one per set and image.
+        """
+        if not targets:
+            return [[] for _ in predictions]
+        device = predictions[0][0].device
         # One small matrix per image: a batch-wide (B*Q, sum N) matrix wastes memory and time.
-        for logits, boxes, target in zip(pred_logits, pred_boxes, targets):
-            if len(target["labels"]) == 0:
-                empty = torch.zeros(0, dtype=torch.int64, device=device)
-                indices.append((empty, empty.clone()))
-                continue
-            cost = self.cost_matrix(logits, boxes, target["labels"], target["boxes"]).cpu()
-            # A diverged model gives NaN/inf costs, which scipy refuses; match anyway so the
-            # non-finite loss reaches the trainer, which stops naming the iteration and the loss.
-            cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
-            pred_idx, tgt_idx = linear_sum_assignment(cost.numpy())
-            pair = torch.as_tensor(np.stack([pred_idx, tgt_idx]), dtype=torch.int64).to(device)
-            indices.append((pair[0], pair[1]))
-        return indices
+        costs = [self.cost_matrix(logits[i], boxes[i], target["labels"], target["boxes"]).flatten()
+                 for logits, boxes in predictions for i, target in enumerate(targets) if len(target["labels"])]
+        # A diverged model gives NaN/inf costs, which scipy refuses; match anyway so the
+        # non-finite loss reaches the trainer, which stops naming the iteration and the loss.
+        host_costs = torch.nan_to_num(torch.cat(costs), nan=1e8, posinf=1e8, neginf=-1e8).cpu().numpy() if costs else None
+        pairs, offset = [], 0
+        for logits, _ in predictions:
+            for target in targets:
+                num_targets, num_queries = len(target["labels"]), logits.shape[1]
+                if num_targets == 0:
+                    pairs.append(np.zeros((2, 0), dtype=np.int64))
+                    continue
+                cost = host_costs[offset:offset + num_queries * num_targets].reshape(num_queries, num_targets)
+                offset += num_queries * num_targets
+                pairs.append(np.stack(linear_sum_assignment(cost)).astype(np.int64))
+        on_device = torch.as_tensor(np.concatenate(pairs, axis=1)).to(device).split([p.shape[1] for p in pairs], dim=1)
+        per_image = [(pair[0], pair[1]) for pair in on_device]
+        return [per_image[k * len(targets):(k + 1) * len(targets)] for k in range(len(predictions))]

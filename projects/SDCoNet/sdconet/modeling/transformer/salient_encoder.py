@@ -50,17 +50,18 @@ def select_salient_tokens(scores: torch.Tensor, padding: torch.Tensor, spatial_s
     if len(level_ratios) != len(shapes):
         raise ValueError(f"{len(level_ratios)} level ratios for {len(shapes)} levels")
     sizes = [h * w for h, w in shapes]
-    per_level, chosen, chosen_scores = [], [], []
+    # Tokens kept per level: the most any image keeps. topk needs them as ints, so they come to the
+    # host, all levels in one transfer (one device sync per forward, not one per level).
+    valid = torch.stack([level.sum(1) for level in (~padding).split(sizes, dim=1)], dim=1)  # (B, L)
+    ratios = torch.tensor(level_ratios, dtype=torch.float64, device=valid.device)
+    keep_per_image = torch.floor(valid.double() * ratios).long()  # exact floor, no fp32 rounding
+    per_level = keep_per_image.amax(0).tolist() if keep_per_image.shape[0] else [0] * len(sizes)
+    chosen, chosen_scores = [], []
     start = 0
-    for size, ratio in zip(sizes, level_ratios):
-        level_scores = scores[:, start:start + size]
-        valid = (~padding[:, start:start + size]).sum(1)
-        keep_per_image = torch.floor(valid.double() * ratio).long()  # exact floor, no fp32 rounding
-        keep = int(keep_per_image.max()) if keep_per_image.numel() else 0
-        top_scores, top_index = level_scores.topk(keep, dim=1)
+    for size, keep in zip(sizes, per_level):
+        top_scores, top_index = scores[:, start:start + size].topk(keep, dim=1)
         chosen.append(top_index + start)
         chosen_scores.append(top_scores)
-        per_level.append(keep)
         start += size
     indices = torch.cat(chosen, 1)
     order = torch.cat(chosen_scores, 1).argsort(dim=1, descending=True, stable=True)
