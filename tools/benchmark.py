@@ -12,7 +12,10 @@
 serial baseline and DINO on HR) at 512x512 HR, each in its own process (params, GFLOPs, eval
 latency, training-step time, peak memory), prints ratios to SDCoNet and writes
 projects/SDCoNet/BENCHMARKS.md. ``--baseline-commit`` also measures SDCoNet with the package of
-an older commit (checked out with ``git worktree``), alternating old and new runs.
+an older commit (checked out with ``git worktree``), alternating old and new runs (``--rounds``;
+the page lists every round, because a 2-core cloud machine drifts by 10-15% within minutes).
+Training steps are timed after ``--train-warmup`` untimed ones, in steady state. Text below
+``NOTES_MARKER`` in an existing page is written by hand and kept.
 
 ``--serial-config`` adds the serial SR-then-detect baseline and prints its FLOPs and latency
 divided by the main config's (the paper's efficiency claim). ``--selection-ablation`` rebuilds
