@@ -712,7 +712,7 @@ def format_page(result: Dict) -> str:
         f"eval latency = median of {any_row.get('latency_iters', '?')} eval forwards after "
         f"{any_row.get('latency_warmup', '?')} untimed ones; "
         f"training step = median of {any_row.get('train_iters', '?')} steps after {any_row.get('train_warmup', '?')} "
-        "untimed ones (a process's first 3-4 steps grow its heap: page faults cost seconds of system time "
+        "untimed ones (a process's first 2-3 steps grow its heap: page faults cost seconds of system time "
         "there), each forward + backward + the training optimizer's step (`Trainer.build_optimizer`: "
         f"full-model gradient clipping + AdamW) on a batch of {any_row['train_batch']} with 8 "
         f"boxes each; peak memory = {any_row['peak_memory_kind']}.",
@@ -783,7 +783,7 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=2, help="alternating before/after rounds for --baseline-commit")
     parser.add_argument("--train-iters", type=int, default=3, help="timed training steps per model")
     parser.add_argument("--train-warmup", type=int, default=4,
-                        help="untimed training steps first: a process's first 3-4 steps grow its heap (page "
+                        help="untimed training steps first: a process's first 2-3 steps grow its heap (page "
                              "faults, seconds of system time on CPU), which a long training run pays only once")
     parser.add_argument("--measure", metavar="FILE", help=argparse.SUPPRESS)  # one page row, used by --all
     parser.add_argument("--input-size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
