@@ -13,6 +13,7 @@ scales with the number of *selected* tokens, not with the image size:
 
 All ratios 1.0 reproduce the release, which selects nothing away (spec §9 item 2).
 """
+import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -50,12 +51,12 @@ def select_salient_tokens(scores: torch.Tensor, padding: torch.Tensor, spatial_s
     if len(level_ratios) != len(shapes):
         raise ValueError(f"{len(level_ratios)} level ratios for {len(shapes)} levels")
     sizes = [h * w for h, w in shapes]
-    # Tokens kept per level: the most any image keeps. topk needs them as ints, so they come to the
-    # host, all levels in one transfer (one device sync per forward, not one per level).
-    valid = torch.stack([level.sum(1) for level in (~padding).split(sizes, dim=1)], dim=1)  # (B, L)
-    ratios = torch.tensor(level_ratios, dtype=torch.float64, device=valid.device)
-    keep_per_image = torch.floor(valid.double() * ratios).long()  # exact floor, no fp32 rounding
-    per_level = keep_per_image.amax(0).tolist() if keep_per_image.shape[0] else [0] * len(sizes)
+    # Tokens kept per level: the most any image keeps. topk needs them as ints, so the valid counts
+    # of all levels come to the host in one transfer (one device sync per forward, not one per
+    # level); the floor is taken there in float64, exact for any count.
+    valid = torch.stack([level.sum(1) for level in (~padding).split(sizes, dim=1)], dim=1).tolist()  # (B, L)
+    per_level = [max((math.floor(counts[level] * ratio) for counts in valid), default=0)
+                 for level, ratio in enumerate(level_ratios)]
     chosen, chosen_scores = [], []
     start = 0
     for size, keep in zip(sizes, per_level):
