@@ -1,9 +1,9 @@
 """DINO transformer + criterion on a tiny configuration: shapes, losses, gradients, DN, padding."""
 import pytest
 import torch
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, generalized_box_iou_loss
 
-from sdconet.modeling.criterion import DINOCriterion
+from sdconet.modeling.criterion import DINOCriterion, paired_giou_loss
 from sdconet.modeling.matcher import HungarianMatcher
 from sdconet.modeling.transformer.denoising import ContrastiveDenoising, DenoisingMeta, denoising_attention_mask
 from sdconet.modeling.transformer.dino_transformer import DINOTransformer
@@ -261,3 +261,27 @@ def test_criterion_values_on_a_hand_case():
     # All-zero DN logits: 4 slots x 2 classes of background plus 2 positives, over 2.
     dn_focal = (2 * 0.25 * 0.25 * -torch.tensor(0.5).log() + 6 * 0.75 * 0.25 * -torch.tensor(0.5).log()) / 2
     assert torch.allclose(losses["loss_class_dn"], 3.0 * dn_focal)
+
+
+def test_paired_giou_loss_equals_torchvision_values_and_gradients():
+    """Overlapping, disjoint (in x, in y, in both), nested and identical pairs, in float64."""
+    gen = torch.Generator().manual_seed(3)
+    centres, sizes = torch.rand(64, 2, generator=gen, dtype=torch.float64), 0.05 + 0.4 * torch.rand(64, 2, generator=gen, dtype=torch.float64)
+    a = torch.cat([centres - sizes / 2, centres + sizes / 2], dim=1)
+    b = a[torch.randperm(64, generator=gen)].clone()
+    b[:4] = a[:4]  # identical
+    b[4] = torch.tensor([a[4, 0] + 0.01, a[4, 1] + 0.01, a[4, 2] - 0.01, a[4, 3] - 0.01])  # nested
+    b[5] = a[5] + torch.tensor([2.0, 0.0, 2.0, 0.0], dtype=torch.float64)  # disjoint in x only
+    b[6] = a[6] + torch.tensor([0.0, 2.0, 0.0, 2.0], dtype=torch.float64)  # disjoint in y only
+    disjoint = ((torch.min(a[:, 2], b[:, 2]) <= torch.max(a[:, 0], b[:, 0]))
+                | (torch.min(a[:, 3], b[:, 3]) <= torch.max(a[:, 1], b[:, 1])))
+    assert 5 < int(disjoint.sum()) < 60  # both kinds of pair are exercised
+    ours_a, ours_b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ref_a, ref_b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ours = paired_giou_loss(ours_a, ours_b)
+    ref = generalized_box_iou_loss(ref_a, ref_b, reduction="sum")
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_a.grad, ref_a.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours_b.grad, ref_b.grad, rtol=1e-10, atol=1e-12)

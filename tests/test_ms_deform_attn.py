@@ -295,3 +295,24 @@ def test_compiled_module_matches_eager():
     assert torch.allclose(out, expected, atol=1e-5)
     for (name, parameter), reference in zip(compiled.named_parameters(), eager.parameters()):
         assert torch.allclose(parameter.grad, reference.grad, atol=1e-4), name
+
+
+def test_level_sizes_are_kept_per_shapes_and_usable_after_inference_mode():
+    """The (w, h) table is reused for the same shapes, rebuilt for others, and one made under
+    inference_mode is not handed to a training forward (it could not be saved for backward)."""
+    torch.manual_seed(0)
+    module = MSDeformAttn(embed_dim=16, num_heads=2, num_levels=2, num_points=3)
+    first = module.level_sizes([(4, 6), (2, 3)], torch.device("cpu"))
+    assert first.tolist() == [[6.0, 4.0], [3.0, 2.0]]
+    assert module.level_sizes([(4, 6), (2, 3)], "cpu") is first
+    assert module.level_sizes([(5, 6), (2, 3)], "cpu").tolist() == [[6.0, 5.0], [3.0, 2.0]]
+
+    shapes, tokens = [(4, 6), (2, 3)], 4 * 6 + 2 * 3
+    query, value, points = torch.randn(2, 7, 16), torch.randn(2, tokens, 16), torch.rand(2, 7, 2, 2)
+    with torch.inference_mode():
+        expected = module(query, points, value, shapes)
+    offsets_query = query.clone().requires_grad_()
+    out = module(offsets_query, points, value, shapes)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert offsets_query.grad is not None and torch.isfinite(offsets_query.grad).all()

@@ -32,6 +32,12 @@ from .transformer.ms_deform_attn import MSDeformAttn
 SR_LOSS_KEYS = ("loss_sr",)
 
 
+def per_axis(op, boxes: torch.Tensor, x: float, y: float) -> torch.Tensor:
+    """``op(boxes, [x, y, x, y])`` for (..., 4) boxes, with Python numbers: a scale tensor made from
+    them would be a host-to-device copy, which syncs on CUDA."""
+    return torch.stack([op(boxes[..., 0::2], x), op(boxes[..., 1::2], y)], dim=-1).flatten(-2)
+
+
 def build_dino_transformer(cfg, num_levels: int) -> DINOTransformer:
     """The DINO transformer of ``cfg`` (with saliency-driven selection when SALIENCY.ENABLED)."""
     s = cfg.MODEL.SDCONET
@@ -134,8 +140,7 @@ class SDCoNet(nn.Module):
         targets = []
         for x, (h, w) in zip(batched_inputs, images.image_sizes):
             inst = x["instances"].to(self.device)
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-            boxes = box_convert(inst.gt_boxes.tensor, "xyxy", "cxcywh") / scale
+            boxes = per_axis(torch.div, box_convert(inst.gt_boxes.tensor, "xyxy", "cxcywh"), w, h)
             targets.append({"labels": inst.gt_classes, "boxes": boxes})
         return targets
 
@@ -246,8 +251,7 @@ class SDCoNet(nn.Module):
         results = []
         for i, (h, w) in enumerate(image_sizes):
             r = Instances((h, w))
-            scale = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-            r.pred_boxes = Boxes(boxes[i] * scale)
+            r.pred_boxes = Boxes(per_axis(torch.mul, boxes[i], w, h))
             r.pred_boxes.clip((h, w))
             r.scores = scores[i]
             r.pred_classes = labels[i]

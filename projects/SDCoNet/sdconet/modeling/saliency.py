@@ -129,7 +129,8 @@ class SaliencyPredictor(nn.Module):
                 scores[level] = coarser
             else:
                 floor = flat.detach().min() - 1.0
-                scores[level] = flat.masked_fill(mask, floor).reshape(batch, height, width)
+                # torch.where, not masked_fill: a tensor fill value is read on the host (a CUDA sync).
+                scores[level] = torch.where(mask, floor, flat).reshape(batch, height, width)
         return SaliencyOutput(logits, scores)
 
 

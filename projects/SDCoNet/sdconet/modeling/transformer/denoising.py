@@ -122,8 +122,8 @@ class ContrastiveDenoising(nn.Module):
 
         labels = torch.cat([t["labels"] for t in targets]).to(device)
         boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
-        image_idx = torch.repeat_interleave(torch.arange(batch, device=device), torch.tensor(counts, device=device),
-                                            output_size=sum(counts))
+        # Filled on the device (no host-to-device copy, which syncs on CUDA).
+        image_idx = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(counts)])
         target_idx = torch.cat([torch.arange(n, device=device) for n in counts])
 
         # Copies ordered (group, positive/negative, target): slot = g * 2M + {0, M} + j.

@@ -225,7 +225,8 @@ class DINOTransformer(nn.Module):
             ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=memory.device) + 0.5,
                                     torch.arange(width, dtype=torch.float32, device=memory.device) + 0.5, indexing="ij")
             centre = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)[None]  # (1, hw, 2) in pixels
-            valid_size = valid_ratios[:, None, level] * torch.tensor([width, height], device=memory.device)
+            ratio = valid_ratios[:, None, level]  # (B, 1, 2): scaled by Python numbers, not a tensor copied to the device
+            valid_size = torch.stack([ratio[..., 0] * width, ratio[..., 1] * height], dim=-1)
             centre = centre / valid_size
             size = torch.full_like(centre, 0.05 * 2.0**level)
             proposals.append(torch.cat([centre, size], dim=-1))

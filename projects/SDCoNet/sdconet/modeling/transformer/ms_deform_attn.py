@@ -265,6 +265,7 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self._level_sizes = (None, None)  # (key, tensor): see level_sizes
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -286,6 +287,17 @@ class MSDeformAttn(nn.Module):
         nn.init.zeros_(self.value_proj.bias)
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
+
+    def level_sizes(self, shapes: Sequence[Tuple[int, int]], device: torch.device) -> torch.Tensor:
+        """(L, 2) float32 (w, h) of each level on ``device``, kept for the next call with the same
+        shapes: made from host numbers it is a host-to-device copy, which syncs on CUDA, and every
+        layer of a forward asks for the same one."""
+        # An inference-mode tensor cannot be saved for a later backward, so that mode is in the key.
+        key = (tuple(shapes), torch.device(device), torch.is_inference_mode_enabled())
+        if self._level_sizes[0] != key:
+            sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=device)
+            self._level_sizes = (key, sizes)
+        return self._level_sizes[1]
 
     def forward(
         self,
@@ -328,7 +340,7 @@ class MSDeformAttn(nn.Module):
             weights = weight_logits.float().softmax(-1).view(batch, num_queries, heads, levels, points)
             if reference_points.shape[-1] == 2:
                 # Offsets are in pixels of each level: divide by (w, h).
-                level_sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
+                level_sizes = self.level_sizes(shapes, query.device)
                 locations = reference_points[:, :, None, :, None, :] + offsets / level_sizes[None, None, None, :, None, :]
             elif reference_points.shape[-1] == 4:
                 # Offsets are fractions of the half box size, spread over the points.
