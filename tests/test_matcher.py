@@ -66,20 +66,9 @@ def test_batch_with_empty_image_and_obvious_match():
     assert p1.tolist() == [2] and t1.tolist() == [0]
 
 
-def test_matching_several_sets_at_once_equals_one_by_one_with_one_host_transfer():
+def test_matching_several_sets_at_once_equals_one_by_one_with_one_host_transfer(host_reads):
     """The criterion matches all decoder layers and the encoder in one call: the same assignments
     as matching each set alone, with the costs reaching the host in one transfer."""
-    from torch.overrides import TorchFunctionMode
-
-    class HostTransfers(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.count += func in (torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.item)
-            return func(*args, **(kwargs or {}))
-
     matcher = HungarianMatcher()
     gen = torch.Generator().manual_seed(3)
     targets = []
@@ -91,9 +80,9 @@ def test_matching_several_sets_at_once_equals_one_by_one_with_one_host_transfer(
         logits = torch.randn(3, queries, 3, generator=gen)
         boxes = torch.cat([torch.rand(3, queries, 2, generator=gen), torch.rand(3, queries, 2, generator=gen) * 0.4 + 0.05], -1)
         sets.append((logits, boxes))
-    with HostTransfers() as transfers:
+    with host_reads:
         together = matcher.match_sets(sets, targets)
-    assert transfers.count == 2  # the costs' .cpu() and .numpy() of one concatenated tensor
+    assert host_reads.count == 2  # the costs' .cpu() and .numpy() of one concatenated tensor
     assert len(together) == len(sets)
     for (logits, boxes), got in zip(sets, together):
         alone = matcher(logits, boxes, targets)

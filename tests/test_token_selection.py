@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from sdconet.modeling.transformer.dino_transformer import DINOTransformer
 from sdconet.modeling.transformer.salient_encoder import SalientDeformableEncoder, select_salient_tokens
@@ -51,30 +50,16 @@ def test_padded_tokens_are_never_chosen_before_valid_ones():
     assert not padding[1].gather(0, sel.indices[1]).any()
 
 
-class HostReads(TorchFunctionMode):
-    """Counts the calls that bring tensor values to the host (a device sync on CUDA)."""
-
-    READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__float__,
-             torch.Tensor.__bool__, torch.Tensor.__index__}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.READS
-        return func(*args, **(kwargs or {}))
-
-
-def test_selection_reads_the_device_once_for_all_levels():
+def test_selection_reads_the_device_once_for_all_levels(host_reads):
     """The kept counts of the four levels come to the host in one transfer, not one per level."""
     sizes = [h * w for h, w in SHAPES]
     padding = torch.zeros(2, sum(sizes), dtype=torch.bool)
     padding[0, :40] = True  # different valid counts per image: the batch maximum is kept
-    with HostReads() as reads:
+    with host_reads:
         sel = select_salient_tokens(torch.randn(2, sum(sizes)), padding, SHAPES, LEVEL_RATIOS, LAYER_RATIOS)
-    assert reads.count == 1
+    assert host_reads.count == 1
     assert sel.per_level == [math.floor(n * r) for n, r in zip(sizes, LEVEL_RATIOS)]
+
 
 def make_encoder(**kw):
     torch.manual_seed(0)
