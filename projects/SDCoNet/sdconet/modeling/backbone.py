@@ -40,6 +40,8 @@ from timm.models.swin_transformer import (
 )
 from torch.utils.checkpoint import checkpoint
 
+from .onednn_linear import OneDNNLinear, linear
+
 __all__ = [
     "TimmSwinBackbone",
     "SwinLoadReport",
@@ -70,7 +72,8 @@ def shifted_window_attention(block: SwinTransformerBlock, x: torch.Tensor) -> to
     win_h, win_w = block.window_size
     pad_h, pad_w = (-height) % win_h, (-width) % win_w
     if pad_h or pad_w:
-        qkv = F.pad(F.linear(x, attn.qkv.weight), (0, 0, 0, pad_w, 0, pad_h))
+        project = linear if isinstance(attn.qkv, OneDNNLinear) else F.linear
+        qkv = F.pad(project(x, attn.qkv.weight), (0, 0, 0, pad_w, 0, pad_h))
         if attn.qkv.bias is not None:
             qkv = qkv + attn.qkv.bias
     else:

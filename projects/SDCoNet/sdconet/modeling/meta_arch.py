@@ -23,6 +23,7 @@ from .criterion import DINOCriterion
 from .degradation import Degradation
 from .matcher import HungarianMatcher
 from .neck import build_neck
+from .onednn_linear import use_onednn_linear
 from .saliency import flatten_levels, saliency_loss, saliency_targets
 from .sr_decoder import SRDecoder
 from .transformer.dino_transformer import DINOTransformer
@@ -107,9 +108,13 @@ class SDCoNet(nn.Module):
         shapes = backbone.output_shape()
         neck = build_neck(cfg, [shapes[f] for f in in_features])
         sr_decoder = SRDecoder.from_config(cfg, shapes["patch_embed"].channels) if s.SR.ENABLED else None
+        transformer = build_dino_transformer(cfg, len(in_features) + s.NECK.NUM_EXTRA_LEVELS)
+        if s.ONEDNN_LINEAR:
+            for part in (backbone, neck, transformer, sr_decoder):
+                if part is not None:
+                    use_onednn_linear(part)
         return {
-            "backbone": backbone, "neck": neck,
-            "transformer": build_dino_transformer(cfg, len(in_features) + s.NECK.NUM_EXTRA_LEVELS),
+            "backbone": backbone, "neck": neck, "transformer": transformer,
             "criterion": build_dino_criterion(cfg),
             "degradation": Degradation.from_config(cfg), "in_features": in_features,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,

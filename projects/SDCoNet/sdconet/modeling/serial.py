@@ -13,6 +13,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 
 from .meta_arch import SDCoNet
+from .onednn_linear import use_onednn_linear
 from .sr_decoder import SRDecoder
 
 
@@ -34,6 +35,9 @@ class SerialSRDetector(SDCoNet):
         sr_backbone = build_backbone(cfg)
         args["sr_backbone"] = sr_backbone
         args["sr_decoder"] = SRDecoder.from_config(cfg, sr_backbone.output_shape()["patch_embed"].channels)
+        if cfg.MODEL.SDCONET.ONEDNN_LINEAR:
+            use_onednn_linear(sr_backbone)
+            use_onednn_linear(args["sr_decoder"])
         args["detach"] = cfg.MODEL.SDCONET.SERIAL.DETACH
         return args
 

@@ -1,0 +1,115 @@
+"""Linear layers whose fp32 CPU matrix products run in oneDNN rather than MKL.
+
+PyTorch's CPU ``F.linear`` calls MKL's sgemm for fp32. On the AMD EPYC (Zen 4) machines our CI and
+users run, the same products in oneDNN, which PyTorch also ships (``torch.ops.mkldnn``, the op
+inductor emits for CPU linears), are 1.1-1.6x faster at SDCoNet's shapes: 2048^3 at 105 against
+80 G multiply-adds/s, the transformer's 984 x 256 x 2048 at 93 against 73
+(BENCHMARKS.md, "oneDNN linear layers"). The weight gradient stays with MKL, which was the
+faster of the two for it.
+
+It is the same fp32 maths in another summation order (relative differences ~1e-6). Everything
+that is not a plain fp32 CPU call takes the stock ``F.linear``: GPUs, other dtypes, autocast, and
+tracing / ONNX export / ``torch.compile``, which need an op they know.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+__all__ = ["OneDNNLinear", "linear", "onednn_available", "use_onednn_linear"]
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch build has oneDNN and its linear op."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+_AVAILABLE = onednn_available()
+
+
+def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """``x @ weight.T + bias`` in oneDNN (``weight`` may be a transposed view)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+if _AVAILABLE:
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
+        """So that torch's FlopCounterMode (the benchmark's training count) sees these products."""
+        rows = 1
+        for size in x_shape[:-1]:
+            rows *= size
+        return 2 * rows * w_shape[0] * w_shape[1]
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """y = x W^T + b on 2-D ``x``; forward and input gradient in oneDNN, weight gradient in MKL."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = _onednn_product(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t().mm(x) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+    return (
+        _AVAILABLE
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32 and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.dim() >= 2 and weight.is_contiguous()
+        and not torch.is_autocast_enabled("cpu")
+        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+                 or torch.compiler.is_compiling())
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """``F.linear`` with fp32 CPU products in oneDNN (see the module docstring); differentiable."""
+    if not _use_onednn(x, weight, bias):
+        return F.linear(x, weight, bias)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if not needs_grad:
+        return _onednn_product(x, weight, bias)
+    # The Function sees 2-D tensors and returns a fresh one: the reshape to (..., out) happens
+    # outside it, so that in-place ops on the result (ReLU(inplace=True)) stay legal.
+    out = _OneDNNLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class OneDNNLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) computed by :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_onednn_linear(module: nn.Module) -> int:
+    """Turn every plain ``nn.Linear`` inside ``module`` into a :class:`OneDNNLinear`, in place.
+
+    Subclasses of ``nn.Linear`` are left alone (``nn.MultiheadAttention``'s output projection is
+    never called as a module). Returns how many layers were switched.
+    """
+    switched = 0
+    for layer in module.modules():
+        if type(layer) is nn.Linear:
+            layer.__class__ = OneDNNLinear
+            switched += 1
+    return switched
