@@ -173,6 +173,10 @@ def test_page_row_and_page_format(tmp_path):
     assert "| speed-up | x2.00 | x1.50 |" in page
     # The floor: the dense multiply-adds at the best matrix-product throughput of the run.
     assert row["train_gmacs"] > row["gflops"] > 0 and row["gemm_peak_gmacs"] > 1
+    # Both CPU libraries are timed; the floor uses the faster, and the page names each.
+    assert set(row["gemm_peaks"]) == {"mkl", "onednn"}
+    assert row["gemm_peak_gmacs"] == max(row["gemm_peaks"].values())
+    assert f"mkl {row['gemm_peaks']['mkl']:.0f}, onednn {row['gemm_peaks']['onednn']:.0f}" in page
     floor_ms = row["gflops"] / max(row["gemm_peak_gmacs"], other["gemm_peak_gmacs"]) * 1000
     assert f"| eval forward (fvcore) | {row['gflops']:.1f} | {floor_ms:.0f} | {row['latency_ms']:.0f} |" in page
     assert f"would need {20.0 / 1.5:.0f} ms (eval" in page
