@@ -1,11 +1,12 @@
 """Linear layers whose fp32 CPU matrix products run in oneDNN rather than MKL.
 
-PyTorch's CPU ``F.linear`` calls MKL's sgemm for fp32. On the AMD EPYC (Zen 4) machines our CI and
-users run, the same products in oneDNN, which PyTorch also ships (``torch.ops.mkldnn``, the op
-inductor emits for CPU linears), are 1.1-1.6x faster at SDCoNet's shapes: 2048^3 at 105 against
-80 G multiply-adds/s, the transformer's 984 x 256 x 2048 at 93 against 73
-(BENCHMARKS.md, "oneDNN linear layers"). The weight gradient stays with MKL, which was the
-faster of the two for it.
+PyTorch's CPU ``F.linear`` calls MKL's sgemm for fp32. On the AMD EPYC (Zen 4) machine of our CI,
+the same products in oneDNN, which PyTorch also ships (``torch.ops.mkldnn``, the op inductor
+emits for CPU linears), are 1.1-1.6x faster at SDCoNet's shapes: 2048^3 at 105 against 80 G
+multiply-adds/s, the transformer's 984 x 256 x 2048 at 93 against 73 (BENCHMARKS.md, item 9).
+The weight gradient stays with MKL, which was the faster of the two for most of its shapes.
+Where MKL is the faster library (Intel CPUs, usually), ``MODEL.SDCONET.ONEDNN_LINEAR False``
+keeps the stock layers; ``tools/benchmark.py`` prints both libraries' peaks.
 
 It is the same fp32 maths in another summation order (relative differences ~1e-6). Everything
 that is not a plain fp32 CPU call takes the stock ``F.linear``: GPUs, other dtypes, autocast, and
