@@ -114,3 +114,24 @@ def test_serial_detector_detach_switch(detach):
     with torch.no_grad():
         out = model([sample()])
     assert counter.calls == 1 and len(out[0]["instances"]) > 0  # the serial pipeline needs SR at inference
+
+
+def test_onednn_linear_switch_changes_the_layers_not_the_losses():
+    from sdconet.modeling.onednn_linear import OneDNNLinear, onednn_available
+
+    if not onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    stock = build(["MODEL.SDCONET.ONEDNN_LINEAR", False])
+    fast = build()  # the default: on
+    assert not any(isinstance(m, OneDNNLinear) for m in stock.modules())
+    assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+    assert sum(isinstance(m, OneDNNLinear) for m in fast.modules()) > 50
+    fast.load_state_dict(stock.state_dict())
+    losses = []
+    for model in (stock, fast):
+        model.train()
+        torch.manual_seed(1)  # the same denoising noise for both
+        losses.append(model([sample(), sample(seed=1)]))
+    assert losses[0].keys() == losses[1].keys()
+    for key in losses[0]:
+        torch.testing.assert_close(losses[1][key], losses[0][key], rtol=1e-4, atol=1e-5)
