@@ -9,6 +9,7 @@ from detectron2.structures import Boxes, Instances
 
 import sdconet
 from sdconet.modeling.meta_arch import SR_LOSS_KEYS
+from sdconet.modeling.onednn_linear import OneDNNLinear, onednn_available
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs/quick_schedules/sdconet_tiny_synthetic.yaml")
@@ -116,11 +117,8 @@ def test_serial_detector_detach_switch(detach):
     assert counter.calls == 1 and len(out[0]["instances"]) > 0  # the serial pipeline needs SR at inference
 
 
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
 def test_onednn_linear_switch_changes_the_layers_not_the_losses():
-    from sdconet.modeling.onednn_linear import OneDNNLinear, onednn_available
-
-    if not onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN")
     stock = build(["MODEL.SDCONET.ONEDNN_LINEAR", False])
     fast = build()  # the default: on
     assert not any(isinstance(m, OneDNNLinear) for m in stock.modules())
