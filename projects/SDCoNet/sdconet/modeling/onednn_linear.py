@@ -12,6 +12,8 @@ It is the same fp32 maths in another summation order (relative differences ~1e-6
 that is not a plain fp32 CPU call takes the stock ``F.linear``: GPUs, other dtypes, autocast, and
 tracing / ONNX export / ``torch.compile``, which need an op they know.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,10 +46,7 @@ if _AVAILABLE:
     @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
     def _linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
         """So that torch's FlopCounterMode (the benchmark's training count) sees these products."""
-        rows = 1
-        for size in x_shape[:-1]:
-            rows *= size
-        return 2 * rows * w_shape[0] * w_shape[1]
+        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
@@ -102,12 +101,13 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
     return entry[1]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-    """``F.linear`` with fp32 CPU products in oneDNN (see the module docstring); differentiable."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, packed: bool = False) -> torch.Tensor:
+    """``F.linear`` with fp32 CPU products in oneDNN (see the module docstring); differentiable.
+    ``packed``: without gradients, read the weight's cached packed copy (:func:`_packed_weight`)."""
     if not _use_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
     if not _needs_grad(x, weight, bias):
-        return _onednn_product(x, weight, bias)
+        return _onednn_product(x, _packed_weight(weight) if packed else weight, bias)
     # The Function sees 2-D tensors and returns a fresh one: the reshape to (..., out) happens
     # outside it, so that in-place ops on the result (ReLU(inplace=True)) stay legal.
     out = _OneDNNLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias)
@@ -123,10 +123,7 @@ class OneDNNLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if not self.training and _use_onednn(x, weight, bias) and not _needs_grad(x, weight, bias):
-            return _onednn_product(x, _packed_weight(weight), bias)
-        return linear(x, weight, bias)
+        return linear(x, self.weight, self.bias, packed=not self.training)
 
     def train(self, mode: bool = True):
         if mode:
