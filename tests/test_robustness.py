@@ -240,12 +240,18 @@ def test_unknown_key_on_command_line_is_named():
 @pytest.mark.parametrize("key, value", [
     ("MODEL.SDCONET.TRANSFORMER.NUM_HEADS", 5),  # must divide the 64 channels of the tiny neck
     ("SOLVER.AMP.DTYPE", "float8"),
+    ("TEST.SDCONET.AMP.DTYPE", "float8"),
     ("SOLVER.EMA.DECAY", 1.0),
     ("SOLVER.GRADIENT_ROUTING.MODE", "average"),
 ])
 def test_impossible_value_is_named(key, value):
     with pytest.raises(ValueError, match="Invalid config: " + key.replace(".", r"\.")):
         load_cfg(TINY, [key, value])
+
+
+def test_fp16_inference_on_cpu_is_refused_with_its_key():
+    with pytest.raises(ValueError, match=r"TEST\.SDCONET\.AMP\.DTYPE='float16': float16 needs CUDA"):
+        load_cfg(TINY, ["TEST.SDCONET.AMP.ENABLED", True, "TEST.SDCONET.AMP.DTYPE", "float16", "MODEL.DEVICE", "cpu"])
 
 
 # =============================================================================== failures in training

@@ -133,3 +133,25 @@ def test_onednn_linear_switch_changes_the_layers_not_the_losses():
     assert losses[0].keys() == losses[1].keys()
     for key in losses[0]:
         torch.testing.assert_close(losses[1][key], losses[0][key], rtol=1e-4, atol=1e-5)
+
+
+def test_test_amp_autocasts_eval_only_and_returns_fp32():
+    """TEST.SDCONET.AMP: the eval forward runs in bf16 (the same network: features near the fp32
+    ones), detections come out in fp32; a training forward stays fp32 (the trainer's SOLVER.AMP
+    owns autocast there). Accuracy on a trained model: BENCHMARKS.md."""
+    fp32, amp = build(), build(["TEST.SDCONET.AMP.ENABLED", True])
+    amp.load_state_dict(fp32.state_dict())
+    res5 = []
+    for model in (fp32, amp):
+        model.backbone.register_forward_hook(lambda m, i, o: res5.append(o["res5"]))
+    with torch.no_grad():
+        found = [model.eval()([sample()])[0]["instances"] for model in (fp32, amp)]
+    assert [f.dtype for f in res5] == [torch.float32, torch.bfloat16]
+    error = (res5[1].float() - res5[0]).norm() / res5[0].norm()
+    assert error < 0.05, error
+    assert found[1].scores.dtype == torch.float32 and found[1].pred_boxes.tensor.dtype == torch.float32
+    assert len(found[1]) == len(found[0]) and found[1].scores.max() <= 1.0
+    torch.manual_seed(1)
+    losses = amp.train()([sample(), sample(seed=1)])
+    assert res5[-1].dtype == torch.float32
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())

@@ -207,6 +207,14 @@ def add_sdconet_config(cfg):
     # bicubic upsampling of the LR input (runs the SR decoder at test time; needs SR.ENABLED and
     # degraded test images, DEGRADE.TEST True).
     _C.TEST.SDCONET.SR_QUALITY = False
+    # Mixed precision at test time (evaluation, predictor, tiling, pictures): the network runs
+    # under torch.autocast, boxes and scores are post-processed in fp32. Off by default: it
+    # changes the numbers (bf16 keeps 8 bits of mantissa). It pays on CPUs with native bf16
+    # (AVX512-BF16 / AMX; a warning says when the CPU lacks it) and on GPUs. Export ignores it.
+    _C.TEST.SDCONET.AMP = CN()
+    _C.TEST.SDCONET.AMP.ENABLED = False
+    # "bfloat16" (CPU and CUDA) or "float16" (CUDA only).
+    _C.TEST.SDCONET.AMP.DTYPE = "bfloat16"
 
     # ---------------------------------------------------------------- solver
     # "ADAMW" (the paper's) or "SGD".
@@ -311,6 +319,12 @@ def check_sdconet_config(cfg):
     if cfg.TEST.SDCONET.SR_QUALITY and not s.DEGRADE.TEST:
         fail("TEST.SDCONET.SR_QUALITY", True, "needs the HR image as reference, but MODEL.SDCONET.DEGRADE.TEST is "
              "False (test images are real low-resolution input)")
+    test_amp = cfg.TEST.SDCONET.AMP
+    if test_amp.DTYPE not in ("bfloat16", "float16"):
+        fail("TEST.SDCONET.AMP.DTYPE", test_amp.DTYPE, "must be bfloat16 or float16")
+    if test_amp.ENABLED and test_amp.DTYPE == "float16" and not cfg.MODEL.DEVICE.startswith("cuda"):
+        fail("TEST.SDCONET.AMP.DTYPE", test_amp.DTYPE, f"float16 needs CUDA (MODEL.DEVICE is "
+             f"{cfg.MODEL.DEVICE!r}); use bfloat16 on CPU")
     gr = cfg.SOLVER.GRADIENT_ROUTING
     if gr.MODE not in ("sum", "project", "stop"):
         fail("SOLVER.GRADIENT_ROUTING.MODE", gr.MODE, "must be sum, project or stop")

@@ -8,7 +8,9 @@ baseline. Boxes in and out are in the coordinates of the image the user gave.
 Losses are grouped by task through their names: keys in :data:`SR_LOSS_KEYS` are the SR task,
 every other ``loss_*`` is detection (the gradient-routing trainer splits the backward on this).
 """
-from typing import Dict
+import contextlib
+import logging
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,7 @@ from .transformer.ms_deform_attn import MSDeformAttn
 
 # Loss names that belong to the SR task; all other losses are detection (+ saliency).
 SR_LOSS_KEYS = ("loss_sr",)
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def per_axis(op, boxes: torch.Tensor, x: float, y: float) -> torch.Tensor:
@@ -69,6 +72,21 @@ def build_dino_criterion(cfg) -> DINOCriterion:
         focal_alpha=lo.FOCAL_ALPHA, focal_gamma=lo.FOCAL_GAMMA)
 
 
+def test_amp_dtype(cfg) -> Optional[torch.dtype]:
+    """The autocast dtype of eval forwards from TEST.SDCONET.AMP (None = fp32). Warns when bf16
+    is asked for on a CPU without native bf16 (then it is slower than fp32, not faster)."""
+    amp = cfg.TEST.SDCONET.AMP
+    if not amp.ENABLED:
+        return None
+    dtype = AMP_DTYPES[amp.DTYPE]
+    if (dtype == torch.bfloat16 and cfg.MODEL.DEVICE == "cpu"
+            and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        logging.getLogger(__name__).warning(
+            "TEST.SDCONET.AMP: this CPU has no native bf16 (AVX512-BF16 / AMX), so bf16 inference is "
+            "emulated and slower than fp32")
+    return dtype
+
+
 @META_ARCH_REGISTRY.register()
 class SDCoNet(nn.Module):
     """Shared Swin encoder + DINO detector on the degraded (LR) image."""
@@ -76,8 +94,11 @@ class SDCoNet(nn.Module):
     @configurable
     def __init__(self, *, backbone, neck, transformer, criterion, degradation, in_features,
                  pixel_mean, pixel_std, num_detections=300, degrade_test=True, sr_decoder=None,
-                 sr_loss_weight=5.0, saliency_loss_weight=2.0, saliency_ranges=None, saliency_focal=(0.25, 2.0)):
+                 sr_loss_weight=5.0, saliency_loss_weight=2.0, saliency_ranges=None, saliency_focal=(0.25, 2.0),
+                 test_amp_dtype: Optional[torch.dtype] = None):
         super().__init__()
+        # Autocast dtype of eval forwards (TEST.SDCONET.AMP); None = fp32.
+        self.test_amp_dtype = test_amp_dtype
         # Training-only SR branch; ``sr_active`` False skips it entirely (gradient-routing phase 1).
         self.sr_decoder = sr_decoder
         self.sr_loss_weight = sr_loss_weight
@@ -122,6 +143,7 @@ class SDCoNet(nn.Module):
             "sr_decoder": sr_decoder, "sr_loss_weight": s.SR.LOSS_WEIGHT,
             "saliency_loss_weight": s.SALIENCY.LOSS_WEIGHT, "saliency_ranges": s.SALIENCY.RANGES,
             "saliency_focal": (s.SALIENCY.FOCAL_ALPHA, s.SALIENCY.FOCAL_GAMMA),
+            "test_amp_dtype": test_amp_dtype(cfg),
         }
 
     @property
@@ -199,15 +221,24 @@ class SDCoNet(nn.Module):
             return False
         return self.sr_active if self.training else self.return_sr
 
-    def forward(self, batched_inputs):
-        images = self.preprocess_image(batched_inputs)
-        lr, lr_sizes = self.degrade(images)
-        feats, levels, masks = self.extract_features(lr, lr_sizes)
-        sr = self.sr_decoder(feats, images.tensor.shape[-2:]) if self.runs_sr else None
+    def test_precision(self):
+        """Autocast for an eval forward when TEST.SDCONET.AMP asks for it. Never in training (the
+        trainer owns autocast there, SOLVER.AMP) nor while tracing for export (fp32 graphs)."""
+        if (self.training or self.test_amp_dtype is None or torch.jit.is_tracing()
+                or torch.onnx.is_in_onnx_export()):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.test_amp_dtype)
 
-        if self.training:
-            return self.training_losses(levels, masks, batched_inputs, images, sr)
-        outputs = self.transformer(levels, masks, None)
+    def forward(self, batched_inputs):
+        with self.test_precision():
+            images = self.preprocess_image(batched_inputs)
+            lr, lr_sizes = self.degrade(images)
+            feats, levels, masks = self.extract_features(lr, lr_sizes)
+            sr = self.sr_decoder(feats, images.tensor.shape[-2:]) if self.runs_sr else None
+
+            if self.training:
+                return self.training_losses(levels, masks, batched_inputs, images, sr)
+            outputs = self.transformer(levels, masks, None)
         return self.postprocess(outputs, batched_inputs, images, lr, lr_sizes, sr)
 
     def training_losses(self, levels, masks, batched_inputs, images: ImageList, sr=None) -> Dict[str, torch.Tensor]:
@@ -223,7 +254,8 @@ class SDCoNet(nn.Module):
 
     def postprocess(self, outputs, batched_inputs, images: ImageList, lr, lr_sizes, sr=None):
         """Detections in input-image pixels, plus the SR / saliency extras when asked for."""
-        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
+        # fp32 from here on, also after an autocast forward (TEST.SDCONET.AMP).
+        results = self.inference(outputs["pred_logits"].float(), outputs["pred_boxes"].float(), images.image_sizes)
         processed = []
         for i, (r, x, size) in enumerate(zip(results, batched_inputs, images.image_sizes)):
             out_h, out_w = x.get("height", size[0]), x.get("width", size[1])
@@ -235,7 +267,7 @@ class SDCoNet(nn.Module):
                 # Per level (h_l, w_l) probabilities over the padded LR grid, cropped to the image.
                 out["saliency"] = [
                     lvl[i, : -(-lr_sizes[i][0] * lvl.shape[1] // lr.shape[-2]),
-                        : -(-lr_sizes[i][1] * lvl.shape[2] // lr.shape[-1])].sigmoid()
+                        : -(-lr_sizes[i][1] * lvl.shape[2] // lr.shape[-1])].float().sigmoid()
                     for lvl in outputs["saliency"].logits]
             processed.append(out)
         return processed

@@ -42,14 +42,15 @@ class SerialSRDetector(SDCoNet):
         return args
 
     def forward(self, batched_inputs):
-        images = self.preprocess_image(batched_inputs)
-        lr, lr_sizes = self.degrade(images)
-        sr = self.sr_decoder(self.sr_backbone(lr), images.tensor.shape[-2:])
-        detector_input = sr.detach() if self.detach else sr
-        _, levels, masks = self.extract_features(detector_input, images.image_sizes)
+        with self.test_precision():
+            images = self.preprocess_image(batched_inputs)
+            lr, lr_sizes = self.degrade(images)
+            sr = self.sr_decoder(self.sr_backbone(lr), images.tensor.shape[-2:])
+            detector_input = sr.detach() if self.detach else sr
+            _, levels, masks = self.extract_features(detector_input, images.image_sizes)
 
-        if self.training:
-            return self.training_losses(levels, masks, batched_inputs, images, sr)
+            if self.training:
+                return self.training_losses(levels, masks, batched_inputs, images, sr)
 
-        outputs = self.transformer(levels, masks, None)
+            outputs = self.transformer(levels, masks, None)
         return self.postprocess(outputs, batched_inputs, images, lr, lr_sizes, sr if self.return_sr else None)
