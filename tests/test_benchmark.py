@@ -156,7 +156,7 @@ def test_page_row_and_page_format(tmp_path):
     assert (row["train_warmup"], row["train_iters"], row["latency_warmup"], row["latency_iters"]) == (2, 1, 0, 1)
     assert row["latency_ms"] > 0 and row["train_step_ms"] > 0 and row["peak_memory_mb"] > 100
     other = dict(row, gflops=2 * row["gflops"], latency_ms=3 * row["latency_ms"])
-    names = [name for name, _ in benchmark.PAGE_MODELS[:2]]
+    names = [name for name, *_ in benchmark.PAGE_MODELS[:2]]
     result = {"command": "python tools/benchmark.py --all", "machine": benchmark.machine_info("cpu"),
               "rows": {names[0]: row, names[1]: other}, "input_size_hr": [64, 64], "device": "cpu",
               "baseline": {"before": {"latency_ms": 20.0, "train_step_ms": 300.0},
@@ -180,6 +180,27 @@ def test_page_row_and_page_format(tmp_path):
     floor_ms = row["gflops"] / max(row["gemm_peak_gmacs"], other["gemm_peak_gmacs"]) * 1000
     assert f"| eval forward (fvcore) | {row['gflops']:.1f} | {floor_ms:.0f} | {row['latency_ms']:.0f} |" in page
     assert f"would need {20.0 / 1.5:.0f} ms (eval" in page
+
+
+def test_bf16_page_row_autocasts_eval_and_training():
+    """The page's bf16 row: its overrides reach the model, the eval forward and the timed training
+    steps run in bf16 (as TEST.SDCONET.AMP and the trainer's SOLVER.AMP do), and the page names them."""
+    name, config, opts = benchmark.PAGE_MODELS[1]
+    assert config == benchmark.PAGE_MODELS[0][1] and opts == benchmark.BF16_OPTS
+    model = benchmark.build_benchmark_model(TINY, list(opts))
+    seen = []
+    model.backbone.register_forward_hook(lambda m, i, o: seen.append((m.training, next(iter(o.values())).dtype)))
+    with torch.no_grad():
+        model(benchmark.random_inputs(64, 64))
+    batch = benchmark.synthetic_training_batch(64, 64, "cpu")
+    benchmark.measure_training_step(model, batch, warmup=0, iters=1, autocast_dtype=torch.bfloat16)
+    benchmark.measure_training_step(model, batch, warmup=0, iters=1)
+    assert seen == [(False, torch.bfloat16), (True, torch.bfloat16), (True, torch.float32)]
+    row = benchmark.measure_config(TINY, 64, 64, "cpu", warmup=0, iters=1, train_iters=1, train_warmup=0, opts=opts)
+    assert row["opts"] == list(opts)
+    page = benchmark.format_page({"command": "c", "machine": benchmark.machine_info("cpu"), "rows": {
+        benchmark.PAGE_MODELS[0][0]: dict(row, opts=[]), name: row}, "input_size_hr": [64, 64], "device": "cpu"})
+    assert f"| {name} | `{TINY} {' '.join(opts)}` |" in page
 
 
 def test_rewriting_the_page_keeps_the_hand_written_part(tmp_path):

@@ -40,7 +40,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -516,14 +516,17 @@ def synthetic_training_batch(height: int, width: int, device: str, batch: int = 
 
 
 def measure_training_step(model: nn.Module, batch: List[Dict], warmup: int = 1, iters: int = 3,
-                          optimizer: Optional[torch.optim.Optimizer] = None) -> Dict:
+                          optimizer: Optional[torch.optim.Optimizer] = None,
+                          autocast_dtype: Optional[torch.dtype] = None) -> Dict:
     """Median wall time of forward + backward + optimizer step in training mode, in ms, and the
     peak memory: CUDA allocator peak on GPU, the process's peak RSS (everything so far) on CPU.
 
     ``optimizer``: the one training uses (the page passes ``Trainer.build_optimizer``'s: full-model
-    gradient clipping + AdamW); None = a plain AdamW.
+    gradient clipping + AdamW); None = a plain AdamW. ``autocast_dtype``: run the forward under
+    autocast, as the trainer does with SOLVER.AMP.ENABLED.
     """
-    cuda = next(model.parameters()).device.type == "cuda"
+    device_type = next(model.parameters()).device.type
+    cuda = device_type == "cuda"
     model.train()
     if optimizer is None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
@@ -534,7 +537,8 @@ def measure_training_step(model: nn.Module, batch: List[Dict], warmup: int = 1, 
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        losses = model(batch)
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            losses = model(batch)
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         optimizer.step()
@@ -590,19 +594,23 @@ def gemm_peaks(device: str, size: int = 2048, repeats: int = 5) -> Dict[str, flo
 
 # ----------------------------------------------------------------------------- benchmark page
 
+# (row name, config, overrides). The bf16 row is the same model with autocast at test and in
+# training: another number format, so it is not what the fp32 rows and the floor compare.
+BF16_OPTS = ("TEST.SDCONET.AMP.ENABLED", "True", "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", "bfloat16")
 PAGE_MODELS = (
-    ("SDCoNet", "configs/SDCoNet/sdconet_swin-t_nwpu.yaml"),
-    ("DINO-LR baseline", "configs/Baselines/dino_swin-t_lr_nwpu.yaml"),
-    ("Serial SR -> DINO", "configs/Baselines/serial_sr_dino_swin-t_nwpu.yaml"),
-    ("DINO on HR (upper bound)", "configs/Baselines/dino_swin-t_hr_nwpu.yaml"),
+    ("SDCoNet", "configs/SDCoNet/sdconet_swin-t_nwpu.yaml", ()),
+    ("SDCoNet, bf16 autocast", "configs/SDCoNet/sdconet_swin-t_nwpu.yaml", BF16_OPTS),
+    ("DINO-LR baseline", "configs/Baselines/dino_swin-t_lr_nwpu.yaml", ()),
+    ("Serial SR -> DINO", "configs/Baselines/serial_sr_dino_swin-t_nwpu.yaml", ()),
+    ("DINO on HR (upper bound)", "configs/Baselines/dino_swin-t_hr_nwpu.yaml", ()),
 )
 PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "SDCoNet", "BENCHMARKS.md")
 
 
 def measure_config(config_file: str, height: int, width: int, device: str, warmup: int, iters: int,
-                   train_iters: int, seed: int = 0, train_warmup: int = 4) -> Dict:
+                   train_iters: int, seed: int = 0, train_warmup: int = 4, opts: Sequence[str] = ()) -> Dict:
     """Everything the page lists for one config (run in a fresh process for a clean peak memory)."""
-    cfg = benchmark_cfg(config_file, [], device)
+    cfg = benchmark_cfg(config_file, list(opts), device)
     model = build_model(cfg).eval()
     inputs = random_inputs(height, width, device, seed)
     params = count_parameters(model, inputs)
@@ -610,10 +618,12 @@ def measure_config(config_file: str, height: int, width: int, device: str, warmu
     latency = measure_latency(model, inputs, warmup, iters)
     # The training optimizer of the package being measured (its own, for a baseline commit).
     batch = synthetic_training_batch(height, width, device, seed=seed)
-    train = measure_training_step(model, batch, train_warmup, train_iters, optimizer=build_sdconet_optimizer(cfg, model))
+    amp = cfg.SOLVER.AMP
+    train = measure_training_step(model, batch, train_warmup, train_iters, optimizer=build_sdconet_optimizer(cfg, model),
+                                  autocast_dtype=getattr(torch, amp.DTYPE) if amp.ENABLED else None)
     train_gmacs = training_gmacs(model, batch)
     peaks = gemm_peaks(device)
-    return {"config_file": config_file, "params_inference": params["inference"], "params_total": params["total"],
+    return {"config_file": config_file, "opts": list(opts), "params_inference": params["inference"], "params_total": params["total"],
             "gflops": gflops["total"], "latency_ms": latency["median_ms"], "train_step_ms": train["median_ms"],
             "train_batch": train["batch"], "train_warmup": train["warmup"], "train_iters": train["iters"],
             "latency_warmup": latency["warmup"], "latency_iters": latency["iters"], "peak_memory_mb": train["peak_memory_mb"],
@@ -621,7 +631,8 @@ def measure_config(config_file: str, height: int, width: int, device: str, warmu
             "train_gmacs": train_gmacs, "gemm_peaks": peaks, "gemm_peak_gmacs": max(peaks.values())}
 
 
-def _measure_in_subprocess(config_file: str, args, pythonpath: Optional[str] = None, cwd: Optional[str] = None) -> Dict:
+def _measure_in_subprocess(config_file: str, args, pythonpath: Optional[str] = None, cwd: Optional[str] = None,
+                           opts: Sequence[str] = ()) -> Dict:
     import subprocess
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
@@ -632,6 +643,7 @@ def _measure_in_subprocess(config_file: str, args, pythonpath: Optional[str] = N
                "--train-warmup", str(args.train_warmup)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        cmd += list(opts)
         env = dict(os.environ)
         if pythonpath:  # an older package first on the path: measure that code
             env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
@@ -671,9 +683,9 @@ def kept_notes(page: str) -> str:
 def run_page(args, machine: Dict, command: str) -> Dict:
     """Measure the page's models (and the baseline commit) and write BENCHMARKS.md."""
     rows = {}
-    for name, config in PAGE_MODELS:
-        print(f"measuring {name} ({config}) ...", flush=True)
-        rows[name] = _measure_in_subprocess(config, args)
+    for name, config, opts in PAGE_MODELS:
+        print(f"measuring {name} ({config} {' '.join(opts)}) ...", flush=True)
+        rows[name] = _measure_in_subprocess(config, args, opts=opts)
     comparison = None
     if args.baseline_commit:
         tree = _baseline_worktree(args.baseline_commit)
@@ -731,7 +743,7 @@ def format_page(result: Dict) -> str:
     ]
     for name, r in rows.items():
         lines.append(
-            f"| {name} | `{r['config_file']}` | {r['params_inference'] / 1e6:.2f} | {r['gflops']:.2f} | "
+            f"| {name} | `{' '.join([r['config_file'], *r.get('opts', [])])}` | {r['params_inference'] / 1e6:.2f} | {r['gflops']:.2f} | "
             f"{r['latency_ms']:.1f} | {r['train_step_ms']:.0f} | {r['peak_memory_mb']:.0f} | "
             f"{r['gflops'] / ref['gflops']:.2f} | {r['latency_ms'] / ref['latency_ms']:.2f} | "
             f"{r['train_step_ms'] / ref['train_step_ms']:.2f} |")
@@ -831,7 +843,7 @@ def main(argv=None) -> Dict:
     if args.measure:
         try:
             row = measure_config(args.measure, *args.input_size, args.device, args.warmup, args.iters, args.train_iters,
-                                 args.seed, args.train_warmup)
+                                 args.seed, args.train_warmup, opts=args.opts)
         finally:
             torch.set_num_threads(previous_threads)
         with open(args.json, "w") as f:
