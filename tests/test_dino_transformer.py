@@ -1,4 +1,6 @@
 """DINO transformer + criterion on a tiny configuration: shapes, losses, gradients, DN, padding."""
+import math
+
 import pytest
 import torch
 from torchvision.ops import box_convert, generalized_box_iou_loss
@@ -235,6 +237,31 @@ def test_position_encodings():
     assert emb.shape == (2, 5, 64)
     with pytest.raises(ValueError):
         box_sine_embedding(torch.rand(2, 3))
+
+
+def test_sine_encodings_follow_the_formula():
+    """Feature 2i is sin and 2i + 1 cos of the coordinate over temperature^(2i / F), coordinates
+    in the order y, x, w, h (boxes) or y, x (maps); checked in float64 element by element."""
+    feats, temperature, scale = 8, 10000.0, 2 * math.pi
+    boxes = torch.rand(3, 4, dtype=torch.float64)
+    emb = box_sine_embedding(boxes.float(), num_feats=feats, temperature=temperature)
+    expected = torch.empty(3, 4 * feats, dtype=torch.float64)
+    for slot, coordinate in enumerate([1, 0, 2, 3]):
+        for i in range(feats // 2):
+            angle = boxes[:, coordinate] * scale / temperature ** (2 * i / feats)
+            expected[:, slot * feats + 2 * i] = angle.sin()
+            expected[:, slot * feats + 2 * i + 1] = angle.cos()
+    torch.testing.assert_close(emb.double(), expected, rtol=0, atol=2e-6)
+
+    mask = torch.zeros(1, 2, 5, dtype=torch.bool)
+    mask[0, :, 3:] = True  # 3 valid columns, 2 valid rows
+    pos = PositionEmbeddingSine(num_pos_feats=feats, temperature=20)(mask)
+    y, x = 2.0 / (2 + 1e-6) * scale, 2.0 / (3 + 1e-6) * scale  # row 1 (of 2), column 1 (of 3)
+    for block, coordinate in ((0, y), (feats, x)):
+        for i in range(feats // 2):
+            angle = torch.tensor(coordinate / 20 ** (2 * i / feats), dtype=torch.float64)
+            got = pos[0, block + 2 * i: block + 2 * i + 2, 1, 1].double()
+            torch.testing.assert_close(got, torch.stack([angle.sin(), angle.cos()]), rtol=0, atol=2e-6)
 
 
 def test_criterion_values_on_a_hand_case():

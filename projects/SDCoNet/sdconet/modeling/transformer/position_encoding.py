@@ -6,11 +6,14 @@ from torch import nn
 
 
 def _sine_features(coords: torch.Tensor, num_feats: int, temperature: float) -> torch.Tensor:
-    """(...,) positions -> (..., num_feats) interleaved sin/cos at geometric frequencies."""
-    dim = torch.arange(num_feats, dtype=torch.float32, device=coords.device)
-    frequencies = temperature ** (2 * torch.div(dim, 2, rounding_mode="floor") / num_feats)
-    angles = coords[..., None].float() / frequencies
-    return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=-1).flatten(-2)
+    """(...,) positions -> (..., num_feats) interleaved sin/cos at geometric frequencies.
+
+    Features 2i and 2i + 1 share a frequency, so each angle is computed once and both its sin and
+    cos come from one contiguous pass (the same values as slicing every other feature).
+    """
+    even = torch.arange(0, num_feats, 2, dtype=torch.float32, device=coords.device)
+    angles = coords[..., None].float() / temperature ** (even / num_feats)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -38,8 +41,7 @@ class PositionEmbeddingSine(nn.Module):
         if self.normalize:
             y = (y + self.offset) / (y[:, -1:, :] + self.eps) * self.scale
             x = (x + self.offset) / (x[:, :, -1:] + self.eps) * self.scale
-        pos = torch.cat([_sine_features(y, self.num_pos_feats, self.temperature),
-                         _sine_features(x, self.num_pos_feats, self.temperature)], dim=-1)
+        pos = _sine_features(torch.stack([y, x], dim=-1), self.num_pos_feats, self.temperature).flatten(-2)
         return pos.permute(0, 3, 1, 2).contiguous()
 
 
@@ -50,4 +52,5 @@ def box_sine_embedding(boxes: torch.Tensor, num_feats: int = 128, temperature: f
     if boxes.shape[-1] not in (2, 4):
         raise ValueError(f"expected 2 or 4 coordinates, got {boxes.shape[-1]}")
     order = [1, 0, 2, 3][: boxes.shape[-1]]
-    return torch.cat([_sine_features(boxes[..., i] * scale, num_feats, temperature) for i in order], dim=-1)
+    # All coordinates in one pass: (..., k) -> (..., k, num_feats) -> (..., k * num_feats).
+    return _sine_features(boxes[..., order] * scale, num_feats, temperature).flatten(-2)
