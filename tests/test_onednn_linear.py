@@ -160,3 +160,36 @@ def test_eval_reads_a_packed_weight_that_follows_weight_updates_and_is_dropped_b
     assert not torch.allclose(first, second)
     layer.train()
     assert layer.weight not in onednn_linear._PACKED
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bf16")
+def test_bf16_autocast_eval_reads_a_packed_bf16_weight():
+    """Under CPU bf16 autocast (TEST.SDCONET.AMP) an eval layer runs autocast's bf16 product on a
+    packed bf16 copy of its weight, cast once instead of on every call; with gradients it leaves
+    autocast alone."""
+    from sdconet.modeling import onednn_linear
+
+    x, weight, b = _inputs((2, 7, 16))
+    layer = OneDNNLinear(16, 24).eval()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(b)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = F.linear(x, layer.weight, layer.bias)
+            with OpLog() as first:
+                got = layer(x)
+            with OpLog() as second:
+                again = layer(x)
+    assert got.dtype == again.dtype == torch.bfloat16 and torch.equal(got, again)
+    torch.testing.assert_close(got, expected, rtol=8e-3, atol=1e-2)
+    assert first.names.count("mkldnn._linear_pointwise") == second.names.count("mkldnn._linear_pointwise") == 1
+    assert "aten.addmm" not in first.names + second.names and "aten.linear" not in first.names + second.names
+    # The weight is cast (and packed) on the first call only: the second casts x and the bias.
+    assert first.names.count("mkldnn._reorder_linear_weight") == 1
+    assert "mkldnn._reorder_linear_weight" not in second.names
+    assert second.names.count("aten._to_copy") == first.names.count("aten._to_copy") - 1 == 2
+    assert onednn_linear._PACKED[layer.weight][0][2] == torch.bfloat16
+    layer.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16), OpLog() as log:
+        assert layer(x).dtype == torch.bfloat16
+    assert "mkldnn._linear_pointwise" not in log.names

@@ -10,7 +10,9 @@ keeps the stock layers; ``tools/benchmark.py`` prints both libraries' peaks.
 
 It is the same fp32 maths in another summation order (relative differences ~1e-6). Everything
 that is not a plain fp32 CPU call takes the stock ``F.linear``: GPUs, other dtypes, autocast, and
-tracing / ONNX export / ``torch.compile``, which need an op they know.
+tracing / ONNX export / ``torch.compile``, which need an op they know. One exception: eval under
+CPU bf16 autocast (TEST.SDCONET.AMP) reads a packed bf16 copy of the weight, the product autocast
+would run, without casting the weight again on every call.
 """
 import math
 
@@ -35,6 +37,8 @@ def onednn_available() -> bool:
 
 
 _AVAILABLE = onednn_available()
+# Whether this CPU has native bf16 for oneDNN (AVX512-BF16 / AMX); without it autocast keeps its path.
+_BF16_NATIVE = _AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
@@ -86,24 +90,43 @@ def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
 
 
-# weight -> ((version, address), oneDNN's packed copy). Weakly keyed: a deleted layer frees its entry.
+# weight -> ((version, address, dtype), oneDNN's packed copy in that dtype). Weakly keyed: a
+# deleted layer frees its entry.
 _PACKED = WeakIdKeyDictionary()
 
 
-def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's blocked layout of ``weight``, made once and remade when the weight changes (an
-    optimizer step or ``load_state_dict`` bumps its version, ``.to()`` moves it)."""
-    key = (weight._version, weight.data_ptr())
+def _packed_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """oneDNN's blocked layout of ``weight`` in ``dtype``, made once and remade when the weight
+    changes (an optimizer step or ``load_state_dict`` bumps its version, ``.to()`` moves it)."""
+    key = (weight._version, weight.data_ptr(), dtype)
     entry = _PACKED.get(weight)
     if entry is None or entry[0] != key:
-        entry = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        entry = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), None))
         _PACKED[weight] = entry
     return entry[1]
 
 
+def _bf16_autocast_inference(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+    """An eval product under CPU bf16 autocast (TEST.SDCONET.AMP) that can read a packed bf16
+    weight instead of autocast casting the fp32 weight again on every call."""
+    return (
+        _BF16_NATIVE
+        and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == torch.float32
+        and x.dim() >= 2 and weight.is_contiguous() and not _needs_grad(x, weight, bias)
+        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+                 or torch.compiler.is_compiling())
+    )
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, packed: bool = False) -> torch.Tensor:
     """``F.linear`` with fp32 CPU products in oneDNN (see the module docstring); differentiable.
-    ``packed``: without gradients, read the weight's cached packed copy (:func:`_packed_weight`)."""
+    ``packed``: without gradients, read the weight's cached packed copy (:func:`_packed_weight`),
+    also under CPU bf16 autocast (the same bf16 product autocast would run, bitwise)."""
+    if packed and _bf16_autocast_inference(x, weight, bias):
+        bias = None if bias is None else bias.to(torch.bfloat16)
+        return _onednn_product(x.to(torch.bfloat16), _packed_weight(weight, torch.bfloat16), bias)
     if not _use_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
     if not _needs_grad(x, weight, bias):
