@@ -15,6 +15,7 @@ from timm.models.swin_transformer import SwinTransformerBlock, window_partition,
 
 from sdconet.config import add_sdconet_config
 from sdconet.modeling.backbone import (
+    _window_rows,
     TimmSwinBackbone,
     create_timm_swin,
     load_swin_weights,
@@ -136,6 +137,21 @@ def test_padding_tokens_are_not_projected_but_the_result_is_unchanged(shift, siz
     for got, want in zip(torch.autograd.grad(ours.square().sum(), inputs),
                          torch.autograd.grad(reference.square().sum(), inputs)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, shift", [((9, 13), (3, 3)), ((14, 14), (0, 0)), ((8, 8), (3, 3)), ((64, 64), (3, 3))])
+def test_window_rows_are_pad_roll_partition_as_one_permutation(size, shift):
+    """Token ids put through the row map land where zero-pad + roll + window_partition put them."""
+    h, w = size
+    ids = torch.arange(1, 2 * h * w + 1, dtype=torch.float64).view(2, h, w, 1)  # padding: 0
+    grid = torch.roll(F.pad(ids, (0, 0, 0, (-w) % 7, 0, (-h) % 7)), shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    expected = window_partition(grid, (7, 7)).reshape(-1)
+    to_windows, to_tokens = _window_rows(2, h, w, (7, 7), shift, torch.device("cpu"))
+    rows = to_windows.numel()
+    assert rows == expected.numel() and torch.equal(to_windows.sort().values, torch.arange(rows))
+    assert torch.equal(to_tokens[to_windows], torch.arange(rows))
+    placed = torch.zeros(rows, dtype=torch.float64).index_copy(0, to_windows[: 2 * h * w], ids.reshape(-1))
+    assert torch.equal(placed, expected)
 
 
 @pytest.mark.parametrize("freeze_at, frozen_prefixes", [

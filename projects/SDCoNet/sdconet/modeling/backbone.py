@@ -20,8 +20,9 @@ checkpoint conversion (:func:`timm.models.swin_transformer.checkpoint_filter_fn`
 The timm model is built with ``always_partition=True``: otherwise timm fixes windows and shifts
 from its nominal 224 input (stage 4 at 7x7 tokens never shifts), whatever the real input is.
 """
+import functools
 import logging
-from typing import Dict, List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import timm
 import torch
@@ -40,7 +41,6 @@ from timm.models.swin_transformer import (
 )
 from torch.utils.checkpoint import checkpoint
 
-from .onednn_linear import OneDNNLinear, linear
 
 __all__ = [
     "TimmSwinBackbone",
@@ -55,6 +55,50 @@ logger = logging.getLogger(__name__)
 RES_NAMES = ("res2", "res3", "res4", "res5")
 
 
+@functools.lru_cache(maxsize=64)
+def _window_rows(batch: int, height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
+                 device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row maps between token order and window order, for ``batch`` grids of height x width.
+
+    Token order lists the real tokens (b, h, w) first, then the padding tokens. Window order is
+    the rows of the padded grid after the cyclic shift and the window partition. Returns
+    ``to_windows`` (token row -> window row) and its inverse ``to_tokens``: both permutations of
+    batch x padded-height x padded-width rows. Pad + roll + partition, and their undoing, are then
+    one ``index_copy`` each instead of three or four copies.
+    """
+    (win_h, win_w), (shift_h, shift_w) = window, shift
+    padded_h, padded_w = height + (-height) % win_h, width + (-width) % win_w
+    h = torch.arange(padded_h, device=device)[:, None]
+    w = torch.arange(padded_w, device=device)[None, :]
+    # Rolling by -shift moves grid row h to (h - shift) mod padded size.
+    h, w = (h - shift_h) % padded_h, (w - shift_w) % padded_w
+    rows = ((h // win_h) * (padded_w // win_w) + w // win_w) * (win_h * win_w) + (h % win_h) * win_w + w % win_w
+    per_image = padded_h * padded_w
+    rows = rows[None] + torch.arange(batch, device=device)[:, None, None] * per_image  # (B, Hp, Wp)
+    # Slices, not a boolean mask: no host sync on CUDA.
+    to_windows = torch.cat([rows[:, :height, :width].flatten(), rows[:, :height, width:].flatten(),
+                            rows[:, height:, :].flatten()])
+    positions = torch.arange(to_windows.numel(), device=device)
+    return to_windows, torch.empty_like(to_windows).scatter_(0, to_windows, positions)
+
+
+# (window, shift, padded size, dtype, device) -> timm's shifted-window mask; a handful of entries.
+_SHIFT_MASKS: Dict[tuple, torch.Tensor] = {}
+
+
+def _shift_mask(block: SwinTransformerBlock, padded_h: int, padded_w: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """timm's shifted-window mask for a padded grid: it depends on the sizes only, so it is made once."""
+    key = (tuple(block.window_size), tuple(block.shift_size), padded_h, padded_w, dtype, device)
+    mask = _SHIFT_MASKS.get(key)
+    if mask is None:
+        if len(_SHIFT_MASKS) >= 64:  # many image sizes (tiling): start over rather than grow
+            _SHIFT_MASKS.clear()
+        mask = block.get_attn_mask(torch.empty(0, padded_h, padded_w, 0, dtype=dtype, device=device))
+        _SHIFT_MASKS[key] = mask
+    return mask
+
+
 def shifted_window_attention(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
     """(Shifted) window attention of ``block`` on NHWC ``x`` of any size: pad, roll, attend, undo.
 
@@ -64,34 +108,27 @@ def shifted_window_attention(block: SwinTransformerBlock, x: torch.Tensor) -> to
     Same result as timm's ``WindowAttention`` on the zero-padded grid, without its waste: a
     256 LR tile pads stage 3 from 16x16 to 21x21 tokens and stage 4 from 8x8 to 14x14, a fifth
     of Swin-T's FLOPs. The qkv projection of a zero padding token is the qkv bias alone, so only
-    the real tokens are projected (the bias is added after padding), and the output projection
-    runs after the padding is cropped away.
+    the real tokens are projected and the padding rows are the bias; the output projection runs
+    on the real tokens only. Pad, roll and partition are one ``index_copy`` (:func:`_window_rows`).
     """
     attn = block.attn
-    _, height, width, _ = x.shape
+    batch, height, width, channels = x.shape
     win_h, win_w = block.window_size
-    pad_h, pad_w = (-height) % win_h, (-width) % win_w
-    if pad_h or pad_w:
-        project = linear if isinstance(attn.qkv, OneDNNLinear) else F.linear
-        qkv = F.pad(project(x, attn.qkv.weight), (0, 0, 0, pad_w, 0, pad_h))
-        if attn.qkv.bias is not None:
-            qkv = qkv + attn.qkv.bias
+    shift = tuple(block.shift_size)
+    to_windows, to_tokens = _window_rows(batch, height, width, tuple(block.window_size), shift, x.device)
+    real_rows = batch * height * width
+    qkv = attn.qkv(x).reshape(real_rows, -1)
+    if to_windows.numel() > real_rows:  # padding rows hold the qkv of a zero token: the bias
+        bias = attn.qkv.bias if attn.qkv.bias is not None else qkv.new_zeros(qkv.shape[1])
+        rows = bias.to(qkv.dtype).expand(to_windows.numel(), -1)
     else:
-        qkv = attn.qkv(x)
-    shift = block.shift_size
-    shifted = any(shift)
-    if shifted:
-        qkv = torch.roll(qkv, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    mask = block.get_attn_mask(qkv) if shifted else None
-    padded_h, padded_w = qkv.shape[1], qkv.shape[2]
-    windows = window_partition(qkv, block.window_size).view(-1, win_h * win_w, qkv.shape[-1])
-    windows = _window_attention_core(attn, windows, mask).view(-1, win_h, win_w, windows.shape[-1] // 3)
-    out = window_reverse(windows, block.window_size, padded_h, padded_w)
-    if shifted:
-        out = torch.roll(out, shifts=shift, dims=(1, 2))
-    if pad_h or pad_w:
-        out = out[:, :height, :width, :]
-    return attn.proj_drop(attn.proj(out))
+        rows = qkv.new_empty(to_windows.numel(), qkv.shape[1])
+    windows = rows.index_copy(0, to_windows[:real_rows], qkv).view(-1, win_h * win_w, qkv.shape[1])
+    padded_h, padded_w = height + (-height) % win_h, width + (-width) % win_w
+    mask = _shift_mask(block, padded_h, padded_w, qkv.dtype, x.device) if any(shift) else None
+    windows = _window_attention_core(attn, windows, mask).view(-1, channels)
+    tokens = windows.new_empty(windows.shape).index_copy(0, to_tokens, windows)[:real_rows]
+    return attn.proj_drop(attn.proj(tokens.view(batch, height, width, channels)))
 
 
 def _window_attention_core(attn, qkv: torch.Tensor, mask) -> torch.Tensor:
