@@ -129,21 +129,24 @@ def _bilinear_corners(value, shapes, sampling_locations, attention_weights):
     Coordinates beyond the border are clamped to it: such a sample only reads border zeros, as
     it reads zeros outside the map in grid_sample, with a zero gradient in both.
     """
-    batch, num_tokens, num_heads, head_dim = value.shape
+    batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     num_groups, num_bags, num_samples = batch * num_heads, batch * num_queries * num_heads, num_levels * num_points
     device, dtype = value.device, sampling_locations.dtype
-    border = (0, 0, _BORDER_BEFORE, _BORDER_AFTER, _BORDER_BEFORE, _BORDER_AFTER)
-    levels = value.transpose(1, 2).reshape(num_groups, num_tokens, head_dim).split([h * w for h, w in shapes], dim=1)
-    table = torch.cat([F.pad(level.view(num_groups, h, w, head_dim), border).flatten(1, 2)
-                       for level, (h, w) in zip(levels, shapes)], dim=1)
-    rows_per_group = table.shape[1]
-
     blocks, first_row = [], 0
     for h, w in shapes:
         bordered_h, bordered_w = h + _BORDER_BEFORE + _BORDER_AFTER, w + _BORDER_BEFORE + _BORDER_AFTER
         blocks.append((first_row, bordered_h * bordered_w, bordered_w))
         first_row += bordered_h * bordered_w
+    rows_per_group = first_row
+
+    # Each level is copied once, straight from the (B, S, H, Dh) values into the inside of its
+    # zero-bordered block (no transposed copy, padded copies and concatenation in between).
+    table = value.new_zeros(batch, num_heads, rows_per_group, head_dim)
+    levels = value.permute(0, 2, 1, 3).split([h * w for h, w in shapes], dim=2)
+    for level, (h, w), (first, rows, bordered_w) in zip(levels, shapes, blocks):
+        block = table[:, :, first:first + rows].unflatten(2, (rows // bordered_w, bordered_w))
+        block[:, :, _BORDER_BEFORE:_BORDER_BEFORE + h, _BORDER_BEFORE:_BORDER_BEFORE + w] = level.unflatten(2, (h, w))
 
     def per_sample(values, dtype):  # one value per level -> (L*P,) matching the flattened (level, point) axis
         return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(num_points)
@@ -329,7 +332,9 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"MSDeformAttn built for {levels} levels, got {len(shapes)} spatial shapes")
 
         projected_value = self.value_proj(value)
-        if value_padding_mask is not None:
+        # On CPU, reading the mask is free and most batches have no padding: skip the copy then
+        # (on CUDA the read would wait for the GPU, so the fill always runs).
+        if value_padding_mask is not None and (value.device.type != "cpu" or value_padding_mask.any()):
             projected_value = projected_value.masked_fill(value_padding_mask[..., None], 0.0)
         projected_value = projected_value.view(batch, value.shape[1], heads, self.embed_dim // heads)
         offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
