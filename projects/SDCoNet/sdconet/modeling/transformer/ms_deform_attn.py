@@ -117,6 +117,41 @@ def _grid_sample_attention(value, shapes, sampling_locations, attention_weights)
 _BORDER_BEFORE, _BORDER_AFTER = 1, 2
 
 
+def _level_interiors(per_head: torch.Tensor, shapes, blocks, table: torch.Tensor):
+    """Pairs (level values, inside of its bordered block in ``table``) as (B, H, h, w, Dh) views;
+    ``per_head`` is (B, H, S, Dh), ``table`` (B, H, R, Dh)."""
+    levels = per_head.split([h * w for h, w in shapes], dim=2)
+    for level, (h, w), (first, rows, bordered_w) in zip(levels, shapes, blocks):
+        block = table[:, :, first:first + rows].unflatten(2, (rows // bordered_w, bordered_w))
+        yield level.unflatten(2, (h, w)), block[:, :, _BORDER_BEFORE:_BORDER_BEFORE + h, _BORDER_BEFORE:_BORDER_BEFORE + w]
+
+
+class _BorderedTable(torch.autograd.Function):
+    """(B, S, H, Dh) values -> (B, H, R, Dh) table of zero-bordered levels (see ``blocks``).
+
+    Each level is copied once, straight into the inside of its block, and the gradient is copied
+    straight back: no transposed copy, padded copies and concatenation in between (and none of
+    their backward copies).
+    """
+
+    @staticmethod
+    def forward(ctx, value, shapes, blocks):
+        ctx.shapes, ctx.blocks = shapes, blocks
+        batch, _, num_heads, head_dim = value.shape
+        table = value.new_zeros(batch, num_heads, blocks[-1][0] + blocks[-1][1], head_dim)
+        for level, inside in _level_interiors(value.permute(0, 2, 1, 3), shapes, blocks, table):
+            inside.copy_(level)
+        return table
+
+    @staticmethod
+    def backward(ctx, grad_table):
+        batch, num_heads, _, head_dim = grad_table.shape
+        grad_value = grad_table.new_empty(batch, sum(h * w for h, w in ctx.shapes), num_heads, head_dim)
+        for level, inside in _level_interiors(grad_value.permute(0, 2, 1, 3), ctx.shapes, ctx.blocks, grad_table):
+            level.copy_(inside)
+        return grad_value, None, None
+
+
 def _bilinear_corners(value, shapes, sampling_locations, attention_weights):
     """Bilinear sampling as a sparse weighted sum of table rows.
 
@@ -140,13 +175,7 @@ def _bilinear_corners(value, shapes, sampling_locations, attention_weights):
         first_row += bordered_h * bordered_w
     rows_per_group = first_row
 
-    # Each level is copied once, straight from the (B, S, H, Dh) values into the inside of its
-    # zero-bordered block (no transposed copy, padded copies and concatenation in between).
-    table = value.new_zeros(batch, num_heads, rows_per_group, head_dim)
-    levels = value.permute(0, 2, 1, 3).split([h * w for h, w in shapes], dim=2)
-    for level, (h, w), (first, rows, bordered_w) in zip(levels, shapes, blocks):
-        block = table[:, :, first:first + rows].unflatten(2, (rows // bordered_w, bordered_w))
-        block[:, :, _BORDER_BEFORE:_BORDER_BEFORE + h, _BORDER_BEFORE:_BORDER_BEFORE + w] = level.unflatten(2, (h, w))
+    table = _BorderedTable.apply(value, shapes, blocks)
 
     def per_sample(values, dtype):  # one value per level -> (L*P,) matching the flattened (level, point) axis
         return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(num_points)
