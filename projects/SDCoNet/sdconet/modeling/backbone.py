@@ -36,11 +36,8 @@ from timm.models.swin_transformer import (
     SwinTransformer,
     SwinTransformerBlock,
     checkpoint_filter_fn,
-    window_partition,
-    window_reverse,
 )
 from torch.utils.checkpoint import checkpoint
-
 
 __all__ = [
     "TimmSwinBackbone",

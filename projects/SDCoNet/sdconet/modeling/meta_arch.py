@@ -72,7 +72,7 @@ def build_dino_criterion(cfg) -> DINOCriterion:
         focal_alpha=lo.FOCAL_ALPHA, focal_gamma=lo.FOCAL_GAMMA)
 
 
-def test_amp_dtype(cfg) -> Optional[torch.dtype]:
+def eval_amp_dtype(cfg) -> Optional[torch.dtype]:
     """The autocast dtype of eval forwards from TEST.SDCONET.AMP (None = fp32). Warns when bf16
     is asked for on a CPU without native bf16 (then it is slower than fp32, not faster)."""
     amp = cfg.TEST.SDCONET.AMP
@@ -95,10 +95,10 @@ class SDCoNet(nn.Module):
     def __init__(self, *, backbone, neck, transformer, criterion, degradation, in_features,
                  pixel_mean, pixel_std, num_detections=300, degrade_test=True, sr_decoder=None,
                  sr_loss_weight=5.0, saliency_loss_weight=2.0, saliency_ranges=None, saliency_focal=(0.25, 2.0),
-                 test_amp_dtype: Optional[torch.dtype] = None):
+                 eval_amp_dtype: Optional[torch.dtype] = None):
         super().__init__()
         # Autocast dtype of eval forwards (TEST.SDCONET.AMP); None = fp32.
-        self.test_amp_dtype = test_amp_dtype
+        self.eval_amp_dtype = eval_amp_dtype
         # Training-only SR branch; ``sr_active`` False skips it entirely (gradient-routing phase 1).
         self.sr_decoder = sr_decoder
         self.sr_loss_weight = sr_loss_weight
@@ -143,7 +143,7 @@ class SDCoNet(nn.Module):
             "sr_decoder": sr_decoder, "sr_loss_weight": s.SR.LOSS_WEIGHT,
             "saliency_loss_weight": s.SALIENCY.LOSS_WEIGHT, "saliency_ranges": s.SALIENCY.RANGES,
             "saliency_focal": (s.SALIENCY.FOCAL_ALPHA, s.SALIENCY.FOCAL_GAMMA),
-            "test_amp_dtype": test_amp_dtype(cfg),
+            "eval_amp_dtype": eval_amp_dtype(cfg),
         }
 
     @property
@@ -221,16 +221,16 @@ class SDCoNet(nn.Module):
             return False
         return self.sr_active if self.training else self.return_sr
 
-    def test_precision(self):
+    def eval_autocast(self):
         """Autocast for an eval forward when TEST.SDCONET.AMP asks for it. Never in training (the
         trainer owns autocast there, SOLVER.AMP) nor while tracing for export (fp32 graphs)."""
-        if (self.training or self.test_amp_dtype is None or torch.jit.is_tracing()
+        if (self.training or self.eval_amp_dtype is None or torch.jit.is_tracing()
                 or torch.onnx.is_in_onnx_export()):
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.test_amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.eval_amp_dtype)
 
     def forward(self, batched_inputs):
-        with self.test_precision():
+        with self.eval_autocast():
             images = self.preprocess_image(batched_inputs)
             lr, lr_sizes = self.degrade(images)
             feats, levels, masks = self.extract_features(lr, lr_sizes)

@@ -72,6 +72,12 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+def _capturing_a_graph() -> bool:
+    """Tracing, scripting, ONNX export or torch.compile: they need the stock op."""
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling())
+
+
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     return (
         _AVAILABLE
@@ -80,8 +86,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
         and (bias is None or bias.dtype == torch.float32)
         and x.dim() >= 2 and weight.is_contiguous()
         and not torch.is_autocast_enabled("cpu")
-        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-                 or torch.compiler.is_compiling())
+        and not _capturing_a_graph()
     )
 
 
@@ -115,8 +120,7 @@ def _bf16_autocast_inference(x: torch.Tensor, weight: torch.Tensor, bias) -> boo
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
         and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == torch.float32
         and x.dim() >= 2 and weight.is_contiguous() and not _needs_grad(x, weight, bias)
-        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-                 or torch.compiler.is_compiling())
+        and not _capturing_a_graph()
     )
 
 

@@ -42,7 +42,7 @@ class SerialSRDetector(SDCoNet):
         return args
 
     def forward(self, batched_inputs):
-        with self.test_precision():
+        with self.eval_autocast():
             images = self.preprocess_image(batched_inputs)
             lr, lr_sizes = self.degrade(images)
             sr = self.sr_decoder(self.sr_backbone(lr), images.tensor.shape[-2:])
