@@ -210,6 +210,7 @@ NEGLIGIBLE_OPS = {
     "aten::index", "aten::index_put_", "aten::bitwise_not", "aten::logical_not", "aten::linspace",
     "aten::arange", "aten::full_like", "aten::zeros_like", "aten::ones_like", "aten::repeat",
     "aten::__or__", "aten::__and__", "aten::expand_as", "aten::scatter_", "aten::sort", "aten::argsort",
+    "aten::index_copy", "aten::empty_like", "aten::numel",
 }
 
 

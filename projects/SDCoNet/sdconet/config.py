@@ -207,11 +207,11 @@ def add_sdconet_config(cfg):
     # bicubic upsampling of the LR input (runs the SR decoder at test time; needs SR.ENABLED and
     # degraded test images, DEGRADE.TEST True).
     _C.TEST.SDCONET.SR_QUALITY = False
-    # Mixed precision at test time (evaluation, predictor, tiling, pictures): the network runs
-    # under torch.autocast, boxes and scores are post-processed in fp32. Off by default: it
-    # changes the numbers (bf16 keeps 8 bits of mantissa). It pays on CPUs with native bf16
-    # (AVX512-BF16 / AMX; a warning says when the CPU lacks it) and on GPUs. Export ignores it.
+    # Mixed precision at test time (evaluation, predictor, tiling, pictures).
     _C.TEST.SDCONET.AMP = CN()
+    # Run the network under torch.autocast; boxes and scores are post-processed in fp32. Off by
+    # default: it changes the numbers (bf16 keeps 8 bits of mantissa). It pays on CPUs with native
+    # bf16 (AVX512-BF16 / AMX; a warning says when the CPU lacks it) and on GPUs. Export ignores it.
     _C.TEST.SDCONET.AMP.ENABLED = False
     # "bfloat16" (CPU and CUDA) or "float16" (CUDA only).
     _C.TEST.SDCONET.AMP.DTYPE = "bfloat16"
