@@ -620,11 +620,13 @@ def measure_config(config_file: str, height: int, width: int, device: str, warmu
     # The training optimizer of the package being measured (its own, for a baseline commit).
     batch = synthetic_training_batch(height, width, device, seed=seed)
     amp = cfg.SOLVER.AMP
-    train = measure_training_step(model, batch, train_warmup, train_iters, optimizer=build_sdconet_optimizer(cfg, model),
+    train = measure_training_step(model, batch, train_warmup, train_iters,
+                                  optimizer=build_sdconet_optimizer(cfg, model),
                                   autocast_dtype=getattr(torch, amp.DTYPE) if amp.ENABLED else None)
     train_gmacs = training_gmacs(model, batch)
     peaks = gemm_peaks(device)
-    return {"config_file": config_file, "opts": list(opts), "params_inference": params["inference"], "params_total": params["total"],
+    return {"config_file": config_file, "opts": list(opts),
+            "params_inference": params["inference"], "params_total": params["total"],
             "gflops": gflops["total"], "latency_ms": latency["median_ms"], "train_step_ms": train["median_ms"],
             "train_batch": train["batch"], "train_warmup": train["warmup"], "train_iters": train["iters"],
             "latency_warmup": latency["warmup"], "latency_iters": latency["iters"], "peak_memory_mb": train["peak_memory_mb"],

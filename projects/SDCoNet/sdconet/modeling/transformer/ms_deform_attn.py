@@ -123,7 +123,8 @@ def _level_interiors(per_head: torch.Tensor, shapes, blocks, table: torch.Tensor
     levels = per_head.split([h * w for h, w in shapes], dim=2)
     for level, (h, w), (first, rows, bordered_w) in zip(levels, shapes, blocks):
         block = table[:, :, first:first + rows].unflatten(2, (rows // bordered_w, bordered_w))
-        yield level.unflatten(2, (h, w)), block[:, :, _BORDER_BEFORE:_BORDER_BEFORE + h, _BORDER_BEFORE:_BORDER_BEFORE + w]
+        inside = block[:, :, _BORDER_BEFORE:_BORDER_BEFORE + h, _BORDER_BEFORE:_BORDER_BEFORE + w]
+        yield level.unflatten(2, (h, w)), inside
 
 
 class _BorderedTable(torch.autograd.Function):
