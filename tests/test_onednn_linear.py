@@ -102,7 +102,11 @@ def test_result_may_be_modified_in_place():
     reference = nn.Linear(16, 24).double()
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(3, 5, 16)
-    torch.relu_(layer(x)).sum().backward()
+    out = layer(x)
+    assert out._base is None  # not an autograd view: no slice-copy node after the in-place op
+    torch.relu_(out)
+    assert type(out.grad_fn).__name__ == "ReluBackward0"
+    out.sum().backward()
     torch.relu_(reference(x.double())).sum().backward()
     torch.testing.assert_close(layer.weight.grad, reference.weight.grad.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.bias.grad, reference.bias.grad.float(), rtol=1e-5, atol=1e-5)

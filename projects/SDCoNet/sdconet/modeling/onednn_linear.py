@@ -135,10 +135,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, packed: bool = Fals
         return F.linear(x, weight, bias)
     if not _needs_grad(x, weight, bias):
         return _onednn_product(x, _packed_weight(weight) if packed else weight, bias)
-    # The Function sees 2-D tensors and returns a fresh one: the reshape to (..., out) happens
-    # outside it, so that in-place ops on the result (ReLU(inplace=True)) stay legal.
+    # The Function sees 2-D tensors and returns a fresh one; the reshape to (..., out) happens
+    # outside it, as ``_unsafe_view`` (what ``torch.matmul`` uses for the same purpose): autograd
+    # does not track the result as a view, so an in-place op on it (ReLU(inplace=True)) is legal
+    # and costs no slice-copy backward (a plain view made an FFN's forward + backward 25% slower).
     out = _OneDNNLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], weight.shape[0]))
 
 
 class OneDNNLinear(nn.Linear):
