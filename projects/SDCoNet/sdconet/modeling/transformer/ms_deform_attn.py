@@ -365,7 +365,7 @@ class MSDeformAttn(nn.Module):
         # On CPU, reading the mask is free and most batches have no padding: skip the copy then
         # (on CUDA the read would wait for the GPU, and a traced graph must keep the fill).
         skippable = value.device.type == "cpu" and not torch.jit.is_tracing()
-        if value_padding_mask is not None and not (skippable and not value_padding_mask.any()):
+        if value_padding_mask is not None and (not skippable or value_padding_mask.any()):
             projected_value = projected_value.masked_fill(value_padding_mask[..., None], 0.0)
         projected_value = projected_value.view(batch, value.shape[1], heads, self.embed_dim // heads)
         offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
