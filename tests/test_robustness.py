@@ -19,6 +19,11 @@ listed where they belong, with the test that covers them, so this file shows the
                 SIGKILL                                       --resume continues from the last checkpoint
                 disk full while saving                        previous checkpoint intact, no temp file;
                                                               error says so
+
+Siblings: test_robustness_imagery.py (GeoTIFF bands / bit depths, predict.py inputs and flags),
+test_robustness_data.py (COCO json checks, --check-data, make_synthetic.py),
+test_robustness_checkpoints.py (damaged checkpoints, resume fallback, weights of another model,
+--eval-only without weights), test_robustness_export.py (ONNX export of SDCoNet).
 """
 import hashlib
 import json
@@ -197,8 +202,8 @@ def test_unknown_category_ids_are_dropped_with_a_count(tmp_path, restore_default
 
 
 # =============================================================================== datasets
-# detectron2's get_detection_dataset_dicts stops first, naming the dataset; the Trainer's own check
-# ("The training datasets (...) hold no image") is only reached when Python runs with -O.
+# detectron2's get_detection_dataset_dicts stops first, naming the dataset (with python -O, the Trainer's
+# own check: "The training datasets (...) hold 0 images but not a single annotation").
 def test_dataset_without_images_is_named(tmp_path, restore_default_registration):
     write_coco(synthetic_json_path(str(tmp_path)), [], [], SYNTHETIC_RS_CLASSES)
     register_sdconet_datasets(str(tmp_path))
@@ -210,7 +215,9 @@ def test_dataset_left_empty_by_filtering_is_named(tmp_path, restore_default_regi
     images = [{"id": i, "file_name": f"{i}.png", "height": 64, "width": 64} for i in (1, 2)]
     write_coco(synthetic_json_path(str(tmp_path)), images, [], SYNTHETIC_RS_CLASSES)
     register_sdconet_datasets(str(tmp_path))
-    with pytest.raises(AssertionError, match="No valid data found in synthetic_rs_train"):
+    # Not detectron2's "No valid data found": no annotation at all is an error with the counts
+    # (test_robustness_data.py::test_train_set_without_any_annotation_is_an_error_with_the_counts).
+    with pytest.raises(ValueError, match=r"The training datasets \('synthetic_rs_train',\) hold 2 images but not"):
         tiny_trainer(tmp_path / "out", "DATALOADER.FILTER_EMPTY_ANNOTATIONS", True)
 
 

@@ -2,7 +2,7 @@
 """Peak host memory (RSS high-water mark) of tiled prediction on a large scene.
 
 Writes a synthetic SIZE x SIZE PNG scene (built from rendered 512 tiles), then runs a fresh Python
-process that imports sdconet, builds the model, reads the PNG with ``read_image_any`` and runs
+process that imports sdconet, builds the model, reads the PNG with ``Predictor.read_image`` and runs
 ``Predictor.predict_large``. That process reports its RSS after each step and its peak
 (``getrusage(RUSAGE_SELF).ru_maxrss``), so the figure *includes* the interpreter, torch, the model,
 the file bytes, the decoded scene array (SIZE^2 x 3 bytes) and the tile batches.
@@ -58,13 +58,12 @@ def child(args):
     import torch
 
     import sdconet
-    from sdconet.data.mapper import read_image_any
 
     torch.set_num_threads(args.threads)
     predictor = sdconet.Predictor(args.config_file, args.weights, device="cpu", score_thresh=args.score_thresh)
     stages["model_built"] = current_rss()
     start = time.perf_counter()
-    image = read_image_any(args.image)
+    image = predictor.read_image(args.image)  # the configured bands / scaling, as tools/predict.py
     read_s = time.perf_counter() - start
     stages["image_read"] = current_rss()
     start = time.perf_counter()

@@ -5,15 +5,18 @@ The graph takes a normalised (1, 3, H, W) image of the size given here and retur
 ``logits`` (1, Q, C) and ``boxes`` (1, Q, 4, cxcywh relative to the image); top-k and scaling to
 pixels are done by ``sdconet.inference.export.decode_detections`` for both runners.
 With --degrade the input is the HR image (degraded inside the graph, benchmark protocol);
-without it the input is the real low-quality image.
+without it the input is the real low-quality image (and TEST.SDCONET.SR_QUALITY is turned off, as
+by train_net.py --lr-input). The SR branch is not part of the graph: detection does not use it.
 
-Example:
-  python tools/export_onnx.py --config-file configs/quick_schedules/dino_tiny_synthetic.yaml \
+Example (the `make demo` model):
+  python tools/export_onnx.py --config-file configs/quick_schedules/sdconet_tiny_synthetic.yaml \
       --weights output/demo/model_final.pth --output output/demo/model.onnx --height 512 --width 512
 """
 import argparse
+import os
 import sys
 
+import onnx
 import torch
 
 import sdconet  # noqa: F401  (registers the model)
@@ -36,10 +39,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     opts = list(args.opts) + ["MODEL.SDCONET.DEGRADE.TEST", str(bool(args.degrade))]
+    if not args.degrade:
+        # The input is the low-quality image: no HR reference to score the SR branch against
+        # (as train_net.py --lr-input).
+        opts += ["TEST.SDCONET.SR_QUALITY", "False"]
     predictor = Predictor(args.config_file, args.weights, device="cpu", opts=opts)
     model = predictor.model
     export_onnx(model, args.output, args.height, args.width, args.opset)
-    print(f"wrote {args.output} (input 1x3x{args.height}x{args.width}, opset {args.opset})")
+    nodes = len(onnx.load(args.output, load_external_data=False).graph.node)
+    print(f"wrote {args.output} (input 1x3x{args.height}x{args.width}, opset {args.opset}, {nodes} nodes, "
+          f"{os.path.getsize(args.output) / 2**20:.1f} MiB)")
 
     # Check on a synthetic scene (real image statistics) of the export size.
     scene, _ = render_tile(0, "test", 0, max(args.height, args.width))

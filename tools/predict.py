@@ -6,8 +6,13 @@ Writes to --output:
   <name>.png              the detections drawn (on a downscaled copy for scenes larger than --draw-max-side)
   <name>.geojson          box polygons: map coordinates + "crs" for georeferenced GeoTIFFs, pixels otherwise
 
-Without --degrade the images are taken as the real low-quality input (MODEL.SDCONET.DEGRADE.TEST False);
-with it they are treated as HR and degraded inside the model (the benchmark protocol).
+Without --degrade the images are taken as the real low-quality input (MODEL.SDCONET.DEGRADE.TEST False,
+TEST.SDCONET.SR_QUALITY False); with it they are treated as HR and degraded inside the model (the
+benchmark protocol). Files are read as in training: TIFF / GeoTIFF with rasterio, the bands and
+12/16-bit scaling of INPUT.SDCONET.BANDS / SCALING / PERCENTILES / MAX_VALUE (set them with --opts).
+
+An unreadable file is skipped with an error line and the others are still written; the run then
+exits with status 1, listing the skipped files (--strict stops at the first one instead).
 
 Example:
   python tools/predict.py --config-file configs/quick_schedules/dino_tiny_synthetic.yaml \
@@ -17,6 +22,7 @@ Example:
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 
@@ -27,11 +33,34 @@ from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
 import sdconet  # noqa: F401  (registers the model and datasets)
-from sdconet.data.mapper import read_image_any
 from sdconet.inference import Predictor
 from sdconet.inference.geo import detections_to_geojson, read_georeference
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".jp2")
+
+
+def integer(low):
+    """argparse type: an integer >= ``low`` (argparse names the flag in the error)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def fraction(text):
+    """argparse type: a number in [0, 1] (nan and inf rejected: they would silently drop every box)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
 
 
 def parse_args(argv=None):
@@ -40,21 +69,30 @@ def parse_args(argv=None):
     parser.add_argument("--weights", default="", help="checkpoint; empty = untrained weights (smoke tests)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--output", default="output/predictions")
-    parser.add_argument("--tile", type=int, default=512)
-    parser.add_argument("--overlap", type=int, default=128, help="pixels; choose more than the largest object")
-    parser.add_argument("--batch", type=int, default=4, help="tiles per forward pass")
-    parser.add_argument("--score-thresh", type=float, default=0.3)
-    parser.add_argument("--nms-iou", type=float, default=0.5)
+    parser.add_argument("--tile", type=integer(1), default=512, help="tile side in pixels")
+    parser.add_argument("--overlap", type=integer(0), default=128,
+                        help="pixels, less than --tile; choose more than the largest object")
+    parser.add_argument("--batch", type=integer(1), default=4, help="tiles per forward pass")
+    parser.add_argument("--score-thresh", type=fraction, default=0.3, help="in [0, 1]")
+    parser.add_argument("--nms-iou", type=fraction, default=0.5, help="IoU of the merge NMS, in [0, 1]")
     parser.add_argument("--degrade", action="store_true", help="degrade the images x s inside the model (benchmark)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--draw-max-side", type=int, default=2048, help="larger scenes are drawn downscaled")
+    parser.add_argument("--draw-max-side", type=integer(1), default=2048, help="larger scenes are drawn downscaled")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable file (default: skip it)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides KEY VALUE ... (last on the command line)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.overlap >= args.tile:
+        parser.error(f"argument --overlap: must be smaller than --tile ({args.tile}), got {args.overlap}")
+    return args
 
 
 def expand_inputs(inputs):
-    """Image files named by files, folders (not recursive) and glob patterns, sorted, without repeats."""
+    """Image files named by files, folders (not recursive) and glob patterns, sorted, without repeats.
+
+    Only files with an image extension count (a shell-expanded ``scene/*`` also names GeoTIFF
+    sidecars such as .tfw or .aux.xml).
+    """
     files = []
     for item in inputs:
         if os.path.isdir(item):
@@ -64,7 +102,8 @@ def expand_inputs(inputs):
         else:
             candidates = sorted(glob.glob(item))
             if not candidates:
-                raise FileNotFoundError(f"no file matches {item!r}")
+                what = "no file matches the pattern" if glob.has_magic(item) else "no such file or folder"
+                raise FileNotFoundError(f"{what}: {item}")
         files += [f for f in candidates if os.path.isfile(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
     return list(dict.fromkeys(files))
 
@@ -91,20 +130,41 @@ def draw(image_bgr, instances, names, max_side):
     return out.get_image()[:, :, ::-1]
 
 
+def write_results(output, results):
+    with open(os.path.join(output, "results.json"), "w") as f:
+        json.dump(results, f)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if not os.path.isfile(args.config_file):
+        sys.exit(f"predict.py: error: no such config file: {args.config_file}")
+    try:
+        files = expand_inputs(args.inputs)
+    except FileNotFoundError as e:
+        sys.exit(f"predict.py: error: {e}")
+    if not files:
+        sys.exit(f"predict.py: error: no image ({' '.join(IMAGE_EXTENSIONS)}) found in {' '.join(args.inputs)}")
     opts = list(args.opts) + ["MODEL.SDCONET.DEGRADE.TEST", str(bool(args.degrade))]
+    if not args.degrade:  # the images are the real input: no HR reference to measure SR quality against
+        opts += ["TEST.SDCONET.SR_QUALITY", "False"]
     predictor = Predictor(args.config_file, args.weights, device=args.device, opts=opts,
                           score_thresh=args.score_thresh)
     names = class_names(predictor.cfg)
-    files = expand_inputs(args.inputs)
-    if not files:
-        sys.exit("no image found in the inputs")
     os.makedirs(args.output, exist_ok=True)
-    results = []
+    results, skipped = [], []
     stems = {}
     for image_id, path in enumerate(tqdm(files, desc="images", unit="image")):
-        image = read_image_any(path, format="BGR")
+        try:
+            image = predictor.read_image(path)  # the configured bands / scaling, as in training
+        except OSError as e:
+            if args.strict:
+                write_results(args.output, results)
+                sys.exit(f"predict.py: error: {e} (stopped by --strict; results of the {image_id} file(s) "
+                         f"before it written to {args.output})")
+            tqdm.write(f"predict.py: skipping unreadable file: {e}", file=sys.stderr)
+            skipped.append(path)
+            continue
         inst = predictor.predict_large(image, tile=args.tile, overlap=args.overlap, batch=args.batch,
                                        nms_iou=args.nms_iou, progress=True)
         boxes = inst.pred_boxes.tensor.numpy().astype(np.float64)
@@ -125,9 +185,11 @@ def main(argv=None):
         with open(os.path.join(args.output, stem + ".geojson"), "w") as f:
             json.dump(collection, f)
         del image
-    with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump(results, f)
-    print(f"{len(results)} detections in {len(files)} image(s) written to {args.output}")
+    write_results(args.output, results)
+    print(f"{len(results)} detections in {len(files) - len(skipped)} image(s) written to {args.output}")
+    if skipped:
+        sys.exit(f"predict.py: error: {len(skipped)} of {len(files)} file(s) skipped as unreadable:\n  "
+                 + "\n  ".join(skipped))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
     python tools/train_net.py --config-file C --eval-only --lr-input MODEL.WEIGHTS W DATASETS.TEST "('my_lr_set',)"
     python tools/train_net.py --num-gpus 8 --config-file C      # one process per GPU (detectron2's launch)
     torchrun --nproc_per_node 2 tools/train_net.py --config-file C   # any device (gloo on CPU)
+    python tools/train_net.py --config-file C --check-data  # validate every json and image; no training
 
 ``--eval-only`` evaluates like the benchmark (HR tiles, degraded inside the model); add
 ``--lr-input`` when the test images are real low-resolution imagery to use them as they are.
@@ -15,15 +16,17 @@ SOLVER.IMS_PER_BATCH is the total batch of all processes; see docs/training_at_s
 import json
 import logging
 import os
+import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.evaluation import verify_results
 
 from sdconet import add_sdconet_config, check_sdconet_config
+from sdconet.data.dataset_checks import report_data_check
+from sdconet.engine.checkpoint import AtomicDetectionCheckpointer
 from sdconet.engine.ema import ModelEMA
 from sdconet.engine.launch import check_total_batch, launch_training, launched_by_torchrun
 from sdconet.engine.trainer import Trainer
@@ -46,9 +49,20 @@ def load_config(args):
     return cfg
 
 
+def check_eval_weights(cfg, resume: bool) -> None:
+    """--eval-only needs trained weights: without them it would score a randomly initialised model."""
+    if cfg.MODEL.WEIGHTS or (resume and os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+        return
+    where = f" and OUTPUT_DIR {cfg.OUTPUT_DIR} has no last_checkpoint to resume from" if resume else ""
+    raise ValueError(f"--eval-only needs trained weights, but MODEL.WEIGHTS is empty{where}: add "
+                     "MODEL.WEIGHTS path/to/model_final.pth (or --resume with the OUTPUT_DIR of a training run)")
+
+
 def setup(args):
     cfg = load_config(args)
-    if not args.eval_only:
+    if args.eval_only:
+        check_eval_weights(cfg, args.resume)
+    else:
         check_total_batch(cfg, comm.get_world_size())
     cfg.freeze()
     default_setup(cfg, args)
@@ -74,8 +88,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpoint = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpoint = AtomicDetectionCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, allow_partial_weights=args.allow_partial_weights,
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         if cfg.SOLVER.EMA.ENABLED and "ema" in checkpoint:
             ema = ModelEMA(model)
             ema.load_state_dict(checkpoint["ema"])
@@ -88,7 +103,7 @@ def main(args):
         if cfg.TEST.EXPECTED_RESULTS:
             verify_results(cfg, res)
         return res
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, allow_partial_weights=args.allow_partial_weights)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
     report(cfg, getattr(trainer, "_last_eval_results", None))
@@ -100,12 +115,20 @@ def argument_parser():
     parser.add_argument("--lr-input", action="store_true",
                         help="test images are real low-resolution imagery: do not degrade them at test time "
                              "(sets MODEL.SDCONET.DEGRADE.TEST False; boxes are in the images' own pixels)")
+    parser.add_argument("--allow-partial-weights", action="store_true",
+                        help="load MODEL.WEIGHTS even when more than half of the model's tensors are missing "
+                             "from it (by default an error: likely a checkpoint of another config)")
+    parser.add_argument("--check-data", action="store_true",
+                        help="do not train: decode every image and validate every annotation of DATASETS.TRAIN "
+                             "and DATASETS.TEST, print one summary; exit status 1 if anything is fatal")
     return parser
 
 
 def run(args):
     """Start ``main`` in every process: under torchrun with its process group (gloo on CPU,
     nccl on CUDA), otherwise through detectron2's launch (``--num-gpus``, ``--num-machines``)."""
+    if args.check_data:  # one process, no process group: the check reads files only
+        sys.exit(report_data_check(load_config(args)))
     if launched_by_torchrun():
         return launch_training(main, args, device=load_config(args).MODEL.DEVICE)
     return launch_training(main, args)

@@ -39,7 +39,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
 
 import sdconet  # noqa: F401  (registers the model and datasets)
-from sdconet.data.mapper import read_image_any
+from sdconet.data.image_io import read_image_any, read_options
 from sdconet.evaluation.sr_quality import psnr_y
 from sdconet.inference import Predictor
 from sdconet.inference.predictor import load_config
@@ -293,7 +293,7 @@ def _write(out_dir, record, command, picture) -> str:
 def cmd_predictions(args, cfg, model, records, names):
     written = []
     for record in records:
-        image = read_image_any(record["file_name"], format="BGR")
+        image = read_image_any(record["file_name"], format="BGR", **read_options(cfg))
         run = run_model(model, image, cfg.INPUT.FORMAT)
         written.append(_write(args.out, record, "predictions", draw_predictions(image, run, record, names, args.score)))
     return written
@@ -306,7 +306,7 @@ def cmd_features(args, cfg, model, records, names):
         models.append((args.label2 or describe(cfg2), cfg2, model2))
     written = []
     for record in records:
-        image = read_image_any(record["file_name"], format="BGR")
+        image = read_image_any(record["file_name"], format="BGR", **read_options(cfg))
         rows = [(label, run_model(m, image, c.INPUT.FORMAT).features) for label, c, m in models]
         written.append(_write(args.out, record, "features", draw_features(image, rows, args.reduce)))
     return written
@@ -316,7 +316,7 @@ def cmd_saliency(args, cfg, model, records, names):
     model.return_saliency = True
     written = []
     for record in records:
-        image = read_image_any(record["file_name"], format="BGR")
+        image = read_image_any(record["file_name"], format="BGR", **read_options(cfg))
         run = run_model(model, image, cfg.INPUT.FORMAT)
         written.append(_write(args.out, record, "saliency", draw_saliency(image, run.outputs["saliency"])))
     return written
@@ -326,7 +326,7 @@ def cmd_sr(args, cfg, model, records, names):
     model.return_sr = True
     written = []
     for record in records:
-        image = read_image_any(record["file_name"], format="BGR")
+        image = read_image_any(record["file_name"], format="BGR", **read_options(cfg))
         run = run_model(model, image, cfg.INPUT.FORMAT)
         sr = pixels_to_bgr(run.outputs["sr"], cfg.INPUT.FORMAT)
         bicubic = bicubic_upsample(run.lr, image.shape[:2])

@@ -19,7 +19,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
 
 from sdconet import add_sdconet_config
-from sdconet.data.mapper import read_image_any
+from sdconet.data.image_io import read_image_any, read_options
 from sdconet.modeling.degradation import Degradation
 
 
@@ -69,7 +69,7 @@ def main(argv=None):
     zoom = args.lr_zoom or degradation.scale
     written = []
     for record in dicts[: args.num]:
-        image = read_image_any(record["file_name"])
+        image = read_image_any(record["file_name"], **read_options(cfg))
         boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in record.get("annotations", [])]
         labels = [a["category_id"] for a in record.get("annotations", [])]
         lr = degrade_image(image, degradation, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)

@@ -196,6 +196,21 @@ def add_sdconet_config(cfg):
     _C.INPUT.SDCONET.ROT90 = False
     # Boxes narrower or shorter than this (HR pixels, after clipping) are dropped and counted.
     _C.INPUT.SDCONET.MIN_BOX_SIZE = 1.0
+    # Reading of multi-band / 12-16-bit imagery (sdconet/data/image_io.py), the same in training,
+    # evaluation and prediction. TIFF / GeoTIFF go through rasterio, PNG / JPEG through OpenCV.
+    # Bands shown as (R, G, B), numbered from 1 in file order (colour files: R=1, G=2, B=3), or one
+    # band shown as gray; () = the first three bands (the first as gray for 1-2 band files).
+    # E.g. (4, 3, 2) for true colour from Sentinel-2 / Landsat-8 style band stacks.
+    _C.INPUT.SDCONET.BANDS = ()
+    # How data that is not 8-bit becomes 0-255 (8-bit data is used as it is): "percentile" maps
+    # the PERCENTILES of each image (all chosen bands together, keeping colours) to 0 and 255;
+    # "max" maps 0..MAX_VALUE to 0..255 (fixed: the same brightness for every scene and tile).
+    _C.INPUT.SDCONET.SCALING = "percentile"
+    # (low, high) percentiles of the "percentile" stretch, in [0, 100].
+    _C.INPUT.SDCONET.PERCENTILES = (0.0, 99.9)
+    # Value shown as 255 by "max" scaling (an integer); 0 = the data type's maximum (65535 for
+    # 16-bit, 1.0 for float data). E.g. 4095 for 12-bit data stored in 16-bit files.
+    _C.INPUT.SDCONET.MAX_VALUE = 0
 
     # ---------------------------------------------------------------- evaluation
     _C.TEST.SDCONET = CN()
@@ -342,4 +357,21 @@ def check_sdconet_config(cfg):
         p = cfg.INPUT.SDCONET.get(key)
         if not 0.0 <= p <= 1.0:
             fail(f"INPUT.SDCONET.{key}", p, "is a probability and must lie in [0, 1]")
+    inp = cfg.INPUT.SDCONET
+    if len(inp.BANDS) not in (0, 1, 3) or any(not isinstance(b, int) or b < 1 for b in inp.BANDS):
+        fail("INPUT.SDCONET.BANDS", tuple(inp.BANDS), "needs 3 band numbers (R, G, B) or 1 (gray), each >= 1 "
+             "(bands count from 1), or () for the first three")
+    if inp.SCALING not in ("percentile", "max"):
+        fail("INPUT.SDCONET.SCALING", inp.SCALING, "must be percentile or max")
+    pct = tuple(inp.PERCENTILES)
+    if len(pct) != 2 or not 0.0 <= pct[0] < pct[1] <= 100.0:
+        fail("INPUT.SDCONET.PERCENTILES", pct, "must be (low, high) with 0 <= low < high <= 100")
+    if inp.MAX_VALUE < 0:
+        fail("INPUT.SDCONET.MAX_VALUE", inp.MAX_VALUE, "must be >= 0 (0 = the data type's maximum)")
+    solver = cfg.SOLVER
+    if not solver.BASE_LR >= 0:  # also NaN
+        fail("SOLVER.BASE_LR", solver.BASE_LR, "must be >= 0")
+    for key in ("MAX_ITER", "IMS_PER_BATCH", "CHECKPOINT_PERIOD"):
+        if solver.get(key) < 1:
+            fail(f"SOLVER.{key}", solver.get(key), "must be >= 1")
     return cfg

@@ -11,7 +11,6 @@ Names: ``nwpu_vhr10_split_{train,test}``, ``dota15_split_{train,test}``,
 ``hrssd_split_{train,test}``, ``synthetic_rs_{train,test}``.
 """
 import glob
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 
 from .metadata import DOTA15_CLASSES, HRSSD_CLASSES, NWPU_VHR10_CLASSES, SYNTHETIC_RS_CLASSES
+from .validation import DROPPED_AT_LOAD, read_coco_json, validate_coco
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ def split_paths(root: str, info: DatasetInfo, split: str):
 def load_sdconet_json(json_file: str, image_root: str, dataset_name: str, prepare: str):
     """Load a COCO json into detectron2 dicts with contiguous category ids 0..N-1.
 
+    The raw json is validated first (:mod:`.validation`): a broken json, duplicate ids or a
+    malformed ``bbox`` is an error naming the json, the id and the field; boxes with NaN or a
+    negative / zero side are dropped, counted in the log, whatever augmentations run later.
     Category ids are mapped in increasing id order onto ``thing_classes``; a json with another
     number of categories is an error (it is not the dataset this name stands for).
     """
@@ -76,16 +79,20 @@ def load_sdconet_json(json_file: str, image_root: str, dataset_name: str, prepar
             f"Dataset '{dataset_name}' is not prepared: {json_file} does not exist "
             f"(set $SDCONET_DATASETS to use another datasets root). Prepare it with:\n    {prepare}")
     meta = MetadataCatalog.get(dataset_name)
-    # Without dataset_name, load_coco_json leaves category ids and metadata alone; we map them here
-    # so that an authors' split whose class names are spelled differently still loads.
-    dicts = load_coco_json(json_file, image_root)
-    with open(json_file) as f:
-        categories = json.load(f).get("categories", [])
+    coco = read_coco_json(json_file)
+    findings = validate_coco(coco, json_file)
+    findings.raise_if_fatal(json_file)
+    categories = coco.get("categories", [])
+    del coco
+    dropped = set().union(*(findings.annotation_ids[kind] for kind in DROPPED_AT_LOAD))
     cat_ids = sorted(c["id"] for c in categories)
     if len(cat_ids) != len(meta.thing_classes):
         raise ValueError(
             f"{json_file} has {len(cat_ids)} categories but dataset '{dataset_name}' has "
             f"{len(meta.thing_classes)} classes ({', '.join(meta.thing_classes)})")
+    # Without dataset_name, load_coco_json leaves category ids and metadata alone; we map them here
+    # so that an authors' split whose class names are spelled differently still loads.
+    dicts = load_coco_json(json_file, image_root, extra_annotation_keys=["id"])  # ids: to drop the bad boxes
     id_map = {cid: i for i, cid in enumerate(cat_ids)}
     names = {c["id"]: c["name"] for c in categories}
     mismatched = [(names[cid], meta.thing_classes[i]) for cid, i in id_map.items()
@@ -98,12 +105,17 @@ def load_sdconet_json(json_file: str, image_root: str, dataset_name: str, prepar
     for record in dicts:
         kept = []
         for obj in record.get("annotations", []):
+            if obj.pop("id") in dropped:
+                continue
             if obj["category_id"] not in id_map:
                 unknown += 1
                 continue
             obj["category_id"] = id_map[obj["category_id"]]
             kept.append(obj)
         record["annotations"] = kept
+    if dropped:
+        logger.warning(f"{json_file}: dropped {len(dropped)} annotations with an unusable box:\n"
+                       + "\n".join(findings.lines(kinds=DROPPED_AT_LOAD)))
     if unknown:
         logger.warning(f"{json_file}: dropped {unknown} annotations with unknown category ids")
     if not hasattr(meta, "thing_dataset_id_to_contiguous_id"):

@@ -1,13 +1,13 @@
 """Dataset mapper: reads remote-sensing images of any bit depth / channel count into the model's format.
 
 detectron2's ``DatasetMapper`` reads with PIL (8-bit RGB-centric) and only flips horizontally.
-Remote-sensing tiles come as 16-bit GeoTIFFs, single-band images or RGBA PNGs, and are
-orientation-free, so we read with OpenCV and add vertical flips and 90-degree rotations.
+Remote-sensing tiles come as 16-bit multi-band GeoTIFFs, single-band images or RGBA PNGs, and are
+orientation-free, so we read with :mod:`sdconet.data.image_io` (the configured bands and scaling)
+and add vertical flips and 90-degree rotations.
 """
 import copy
 import logging
 
-import cv2
 import numpy as np
 import torch
 from detectron2.config import configurable
@@ -16,56 +16,9 @@ from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.logger import log_every_n_seconds
 
+from .image_io import read_image_any, read_options, to_uint8  # noqa: F401  (read_image_any, to_uint8: public here too)
+
 logger = logging.getLogger(__name__)
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Scale a 16-bit / float image to uint8 with a robust per-image stretch.
-
-    Sensors often fill only 10-12 of 16 bits, so dividing by 65535 would give a black image;
-    we map [0, 99.9th percentile] to [0, 255] instead. uint8 input is returned as is.
-    """
-    if image.dtype == np.uint8:
-        return image
-    image = image.astype(np.float32)
-    image = np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
-    image -= min(float(image.min()), 0.0)
-    high = float(np.percentile(image, 99.9)) if image.size else 0.0
-    if high <= 0:
-        high = float(image.max()) or 1.0
-    return np.clip(image * (255.0 / high), 0, 255).astype(np.uint8)
-
-
-def read_image_any(file_name: str, format: str = "BGR") -> np.ndarray:
-    """Read an image file as HxWx3 uint8 in ``format`` ("BGR" or "RGB").
-
-    Handles 8/16-bit and float, gray, RGBA and multi-band TIFF (first three bands).
-    Raises ``IOError`` naming the file when it is missing, empty, truncated or not an image.
-    """
-    try:
-        data = np.fromfile(file_name, dtype=np.uint8)
-    except OSError as e:
-        raise IOError(f"Cannot read image file {file_name}: {e.strerror or e}") from e
-    try:
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    except cv2.error as e:  # e.g. more pixels than OpenCV's CV_IO_MAX_IMAGE_PIXELS
-        raise IOError(f"Cannot decode image file {file_name}: {e.err}") from e
-    if image is None:
-        raise IOError(f"Cannot decode image file {file_name}: it is empty, truncated, corrupt or not an image")
-    image = to_uint8(image)
-    if image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    elif image.shape[2] == 1:
-        image = cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR)
-    elif image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    elif image.shape[2] > 4:
-        image = np.ascontiguousarray(image[:, :, :3])
-    if format == "RGB":
-        image = image[:, :, ::-1]
-    elif format != "BGR":
-        raise ValueError(f"Unsupported image format {format!r}: use BGR or RGB")
-    return np.ascontiguousarray(image)
 
 
 class Rot90Transform(T.Transform):
@@ -111,10 +64,11 @@ class SDCoNetDatasetMapper:
     """
 
     @configurable
-    def __init__(self, is_train: bool, *, augmentations, image_format="BGR", min_box_size=1.0):
+    def __init__(self, is_train: bool, *, augmentations, image_format="BGR", min_box_size=1.0, read_options=None):
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
+        self.read_options = dict(read_options or {})  # bands / scaling of read_image_any
         self.min_box_size = min_box_size
         self.num_dropped = 0
         self.num_clipped = 0
@@ -131,11 +85,11 @@ class SDCoNetDatasetMapper:
             if aug_cfg.ROT90:
                 augs.append(RandomRot90())
         return {"is_train": is_train, "augmentations": augs, "image_format": cfg.INPUT.FORMAT,
-                "min_box_size": cfg.INPUT.SDCONET.MIN_BOX_SIZE}
+                "min_box_size": cfg.INPUT.SDCONET.MIN_BOX_SIZE, "read_options": read_options(cfg)}
 
     def __call__(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = read_image_any(dataset_dict["file_name"], format=self.image_format)
+        image = read_image_any(dataset_dict["file_name"], format=self.image_format, **self.read_options)
         utils.check_image_size(dataset_dict, image)
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)

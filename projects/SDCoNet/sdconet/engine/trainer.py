@@ -8,8 +8,7 @@ import weakref
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from detectron2.data import (build_detection_test_loader, build_detection_train_loader,
-                             get_detection_dataset_dicts)
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
@@ -17,6 +16,7 @@ from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..data.dataset_checks import check_num_classes, training_dataset_dicts
 from ..data.mapper import SDCoNetDatasetMapper
 from ..evaluation import SRQualityEvaluator, SmallObjectCOCOEvaluator
 from .checkpoint import AtomicDetectionCheckpointer
@@ -147,8 +147,9 @@ class Trainer(DefaultTrainer):
     group (square tiles), the resumed run ends with exactly the weights of an uninterrupted one.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, allow_partial_weights: bool = False):
         # DefaultTrainer.__init__, with our step, sampler, EMA and checkpointer.
+        # allow_partial_weights: load MODEL.WEIGHTS even if it sets under half of the model's tensors.
         TrainerBase.__init__(self)
         logger = logging.getLogger("detectron2")
         if not logger.isEnabledFor(logging.INFO):
@@ -156,11 +157,7 @@ class Trainer(DefaultTrainer):
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=0, proposal_files=None)
-        if not dataset:
-            raise ValueError(f"The training datasets {tuple(cfg.DATASETS.TRAIN)} hold no image")
+        dataset = training_dataset_dicts(cfg)  # an error when they hold no annotation at all
         self.train_sampler = ResumableTrainingSampler(len(dataset), seed=cfg.SEED if cfg.SEED >= 0 else None)
         data_loader = self.build_train_loader(cfg, dataset=dataset, sampler=self.train_sampler)
         model = wrap_ddp(model)  # DDP broadcasts rank 0's weights: the EMA must start from them
@@ -174,6 +171,7 @@ class Trainer(DefaultTrainer):
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         checkpointables = {"ema": self.ema} if self.ema is not None else {}
         self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+                                                        allow_partial_weights=allow_partial_weights,
                                                         **checkpointables)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -236,12 +234,18 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg, dataset=None, sampler=None):
+        """detectron2's loader with our mapper, then NUM_CLASSES checked against every dataset's classes."""
         kwargs = {"dataset": dataset, "sampler": sampler} if dataset is not None else {}
-        return build_detection_train_loader(cfg, mapper=SDCoNetDatasetMapper(cfg, is_train=True), **kwargs)
+        loader = build_detection_train_loader(cfg, mapper=SDCoNetDatasetMapper(cfg, is_train=True), **kwargs)
+        check_num_classes(cfg, cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+        check_num_classes(cfg, cfg.DATASETS.TEST, "DATASETS.TEST")  # before training, not at its end
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=SDCoNetDatasetMapper(cfg, is_train=False))
+        loader = build_detection_test_loader(cfg, dataset_name, mapper=SDCoNetDatasetMapper(cfg, is_train=False))
+        check_num_classes(cfg, [dataset_name], "DATASETS.TEST")  # the loader loaded its classes
+        return loader
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

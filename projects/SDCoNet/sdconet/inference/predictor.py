@@ -8,14 +8,14 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from tqdm import tqdm
 
 from ..config import add_sdconet_config, check_sdconet_config
-from ..data.mapper import read_image_any
+from ..data.image_io import read_image_any, read_options
+from ..engine.checkpoint import AtomicDetectionCheckpointer
 from .tiling import merge_tile_detections, read_tile, tile_grid
 
 logger = logging.getLogger(__name__)
@@ -46,17 +46,11 @@ def _pick_device(requested: Optional[str], cfg: CfgNode) -> torch.device:
     return torch.device(name)
 
 
-def _as_image(image: ImageLike) -> np.ndarray:
-    if isinstance(image, str):
-        return read_image_any(image, format="BGR")
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 BGR array, got shape {image.shape} and dtype {image.dtype}")
-    return image
-
-
 class Predictor:
     """Run SDCoNet on images given as file paths or HxWx3 uint8 BGR arrays.
+
+    File paths are read as in training, with the config's INPUT.SDCONET.BANDS / SCALING
+    (see :meth:`read_image`).
 
     Args:
         cfg_or_path: a config (``CfgNode``) or the path of a yaml config.
@@ -72,8 +66,23 @@ class Predictor:
         self.device = _pick_device(device, self.cfg)
         self.model = build_model(self.cfg).to(self.device).eval()
         if weights:
-            DetectionCheckpointer(self.model).load(weights)
+            AtomicDetectionCheckpointer(self.model).load(weights)
         self.score_thresh = float(score_thresh)
+
+    def read_image(self, path: str) -> np.ndarray:
+        """The file as the model sees it: HxWx3 uint8 BGR, with the configured bands and scaling.
+
+        Raises ``IOError`` naming the file when it cannot be read.
+        """
+        return read_image_any(path, format="BGR", **read_options(self.cfg))
+
+    def _as_image(self, image: ImageLike) -> np.ndarray:
+        if isinstance(image, str):
+            return self.read_image(image)
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an HxWx3 uint8 BGR array, got shape {image.shape} and dtype {image.dtype}")
+        return image
 
     @torch.no_grad()
     def _run(self, images: Sequence[torch.Tensor], score_thresh: float):
@@ -88,7 +97,7 @@ class Predictor:
 
     def __call__(self, image: ImageLike) -> Instances:
         """Detect on one image as a whole; returns ``Instances`` (pred_boxes, scores, pred_classes) in its pixels."""
-        image = _as_image(image)
+        image = self._as_image(image)
         boxes, scores, classes = self._run([torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))],
                                           self.score_thresh)[0]
         return _instances(image.shape[:2], boxes, scores, classes)
@@ -103,7 +112,9 @@ class Predictor:
         its core region, and boxes crossing a core border are merged with class-wise NMS at
         ``nms_iou``. A scene no larger than one tile gives exactly ``self(image)``.
         """
-        image = _as_image(image)
+        if not (isinstance(batch, int) and batch >= 1):
+            raise ValueError(f"batch (tiles per forward pass) must be an integer >= 1, got {batch!r}")
+        image = self._as_image(image)
         height, width = image.shape[:2]
         tiles = tile_grid(height, width, tile, overlap)
         thresh = self.score_thresh if score_thresh is None else float(score_thresh)

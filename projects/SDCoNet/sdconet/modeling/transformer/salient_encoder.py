@@ -4,7 +4,8 @@ Only the tokens that the saliency predictor ranks highest are updated, so the en
 scales with the number of *selected* tokens, not with the image size:
 
 1. level filter: on level l keep the top ``floor(valid_l * level_ratio_l)`` tokens by saliency;
-   the kept tokens of all levels are sorted by score, best first;
+   the kept tokens of all levels are sorted by score, best first (equal scores: lower flat index
+   first, in eager runs and in the ONNX graph alike);
 2. layer filter: encoder layer i updates only the first ``floor(N_sel * layer_ratio_i)`` of them;
 3. in each layer, a pre-attention (Focus-DETR "dual attention") lets the ``topk_sa`` best of
    those tokens attend to each other, then deformable attention samples the *original* neck
@@ -37,6 +38,19 @@ class TokenSelection(NamedTuple):
     per_layer: List[int]
 
 
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores along dim 1, best first, equal scores in index order.
+
+    Ties are common: the tokens that the proposals mask out (the outer rows and columns of a level
+    more than 50 tokens across) get one saliency, up to rounding. ``topk`` orders ties as its
+    kernel happens to, so eager runs use a stable sort; ONNX TopK breaks ties by the lower index,
+    and it is what the exported graph uses (the ONNX exporter has no stable sort).
+    """
+    if torch.onnx.is_in_onnx_export():
+        return scores.topk(k, dim=1, largest=True, sorted=True).indices
+    return scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+
+
 def select_salient_tokens(scores: torch.Tensor, padding: torch.Tensor, spatial_shapes: SpatialShapes,
                           level_ratios: Sequence[float], layer_ratios: Sequence[float]) -> TokenSelection:
     """Level then layer filtering of flattened tokens.
@@ -60,12 +74,14 @@ def select_salient_tokens(scores: torch.Tensor, padding: torch.Tensor, spatial_s
     chosen, chosen_scores = [], []
     start = 0
     for size, keep in zip(sizes, per_level):
-        top_scores, top_index = scores[:, start:start + size].topk(keep, dim=1)
+        level_scores = scores[:, start:start + size]
+        top_index = top_indices(level_scores, keep)
         chosen.append(top_index + start)
-        chosen_scores.append(top_scores)
+        chosen_scores.append(level_scores.gather(1, top_index))
         start += size
     indices = torch.cat(chosen, 1)
-    order = torch.cat(chosen_scores, 1).argsort(dim=1, descending=True, stable=True)
+    # Ties keep the level order, then the index order within a level: the flat index order.
+    order = top_indices(torch.cat(chosen_scores, 1), indices.shape[1])
     indices = indices.gather(1, order)
     total = indices.shape[1]
     per_layer = [int(total * ratio) for ratio in layer_ratios]
