@@ -326,7 +326,8 @@ def test_killed_training_resumes_from_the_last_checkpoint(synthetic_root, tmp_pa
                                 cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 300
-            while not os.path.exists(os.path.join(out, "model_0000001.pth")):
+            # last_checkpoint is tagged just after the checkpoint file is renamed into place: wait for the tag
+            while not os.path.exists(os.path.join(out, "last_checkpoint")):
                 assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
                 assert time.time() < deadline, "no checkpoint after 300 s"
                 time.sleep(0.05)

@@ -3,7 +3,7 @@
 
 detectron2 is not on PyPI under its own name and its git repository may be unreachable.
 ``pb1-detectron2==0.6`` on PyPI is upstream v0.6's Python sources without the C++ ones.
-This script (see ../shared/design/INSTALL_DETECTRON2.md):
+This script:
 
 1. keeps an already working detectron2 (compiled ``_C``, or this script's own install at the
    current patch-set version) untouched;
