@@ -18,7 +18,7 @@ from detectron2.utils import comm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import train_net  # noqa: E402
 
-from sdconet.engine.routing import unwrap  # noqa: E402
+from sdconet.engine.launch import unwrap  # noqa: E402
 
 
 class SaveEveryRank(HookBase):

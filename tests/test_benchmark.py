@@ -1,4 +1,5 @@
-"""tools/benchmark.py: parameter, FLOP and latency figures of the tiny config, and the cost models."""
+"""tools/analyze_model.py, tools/benchmark.py and tools/benchmark_page.py on the tiny config:
+parameter, FLOP, latency and training-step figures, the cost models, and the benchmark page."""
 import importlib.util
 import json
 from pathlib import Path
@@ -8,29 +9,35 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from detectron2.utils.analysis import FlopCountAnalysis as DetectronFlopCount
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 import sdconet
+from sdconet.utils.analysis import OP_HANDLES, count_parameters, inference_parameter_names
+from sdconet.utils.models import build_benchmark_model
+from sdconet.utils.report import machine_info
+from sdconet.utils.timing import measure_training_step, random_inputs, synthetic_training_batch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "quick_schedules" / "dino_tiny_synthetic.yaml")
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-benchmark = load_tool()
+analyze_model = load_tool("analyze_model")
+benchmark = load_tool("benchmark")
+page_tool = load_tool("benchmark_page")
 
 
-def run(tmp_path, size, warmup=1, iters=2):
-    out = tmp_path / f"bench_{size}.json"
-    result = benchmark.main(["--config-file", TINY, "--input-size", str(size), str(size), "--warmup", str(warmup),
-                             "--iters", str(iters), "--threads", "1", "--json", str(out)])
+def analyze(tmp_path, size):
+    out = tmp_path / f"analyze_{size}.json"
+    result = analyze_model.main(["--config-file", TINY, "--input-size", str(size), str(size), "--json", str(out)])
     return result, json.loads(out.read_text())
 
 
@@ -38,24 +45,38 @@ def run(tmp_path, size, warmup=1, iters=2):
 def small_and_large(tmp_path_factory):
     """HR 256 and 512 (LR 128 and 256): below that, Swin's window padding and the fixed number
     of queries dominate and the cost no longer grows near quadratically."""
-    tmp = tmp_path_factory.mktemp("bench")
-    return run(tmp, 256), run(tmp, 512, warmup=0, iters=1)
+    tmp = tmp_path_factory.mktemp("analyze")
+    return analyze(tmp, 256), analyze(tmp, 512)
 
 
-def test_printed_report_and_json_agree(small_and_large, capsys, tmp_path):
+@pytest.fixture(scope="module")
+def timed(tmp_path_factory):
+    """tools/benchmark.py at HR 256: latency only (no training step, no matrix-product peak)."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = benchmark.main(["--config-file", TINY, "--input-size", "256", "256", "--warmup", "1", "--iters", "2",
+                             "--threads", "1", "--train-iters", "0", "--gemm-size", "0", "--json", str(out)])
+    return result, json.loads(out.read_text())
+
+
+def test_printed_report_and_json_agree(small_and_large, timed, capsys, tmp_path):
     (returned, written), _ = small_and_large
     assert written["params"] == returned["params"]
     assert written["gflops"]["total"] == pytest.approx(returned["gflops"]["total"])
     assert written["input_size_hr"] == [256, 256] and written["input_size_model"] == [128, 128]
     assert "--input-size 256 256" in written["command"]
     assert written["machine"]["torch"] == torch.__version__
+    returned, written = timed
+    assert written["latency"] == returned["latency"] and written["input_size_model"] == [128, 128]
+    assert written["command"].startswith("python tools/benchmark.py ") and "--input-size 256 256" in written["command"]
+    assert written["machine"]["torch"] == torch.__version__
 
-    result, _ = run(tmp_path, 64, iters=1)
+    capsys.readouterr()
+    result = analyze_model.main(["--config-file", TINY, "--input-size", "64", "64"])
     printed = capsys.readouterr().out
     assert result["command"] in printed
     assert "1 fused multiply-add = 1 flop" in printed
     assert f"{result['params']['total'] / 1e6:.2f} M" in printed
-    assert f"median {result['latency']['median_ms']:.1f} ms" in printed
+    assert f": {result['gflops']['total']:.2f}" in printed
 
 
 def test_parameters_match_an_independently_built_model(small_and_large):
@@ -73,19 +94,29 @@ def test_parameters_match_an_independently_built_model(small_and_large):
     assert params["modules"]["backbone"]["total"] == sum(p.numel() for p in model.backbone.parameters())
 
 
+def test_analyze_model_gflops_match_fvcore(small_and_large):
+    """The printed total is fvcore's own count of the same eval forward (with the cost models)."""
+    (_, figures), _ = small_and_large
+    model = build_benchmark_model(TINY)
+    analysis = DetectronFlopCount(model, random_inputs(256, 256)).set_op_handle(**OP_HANDLES)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    assert figures["gflops"]["total"] == pytest.approx(analysis.total() / 1e9)
+    assert figures["gflops"]["by_module"]["backbone"] == pytest.approx(analysis.by_module()["model.backbone"] / 1e9)
+
+
 def test_inference_path_leaves_out_training_only_parameters():
-    model = benchmark.build_benchmark_model(TINY, [], "cpu")
-    used = benchmark.inference_parameter_names(model, benchmark.random_inputs(64, 64))
+    model = build_benchmark_model(TINY, [], "cpu")
+    used = inference_parameter_names(model, random_inputs(64, 64))
     assert "transformer.denoising.label_embedding.weight" not in used  # CDN queries exist only in training
     assert "backbone.patch_embed.proj.weight" in used
     assert "transformer.query_embedding.weight" in used  # read by indexing, not by calling the module
-    counts = benchmark.count_parameters(model, benchmark.random_inputs(64, 64))
+    counts = count_parameters(model, random_inputs(64, 64))
     # training-only: the CDN label embedding and the auxiliary (not last) decoder-layer class heads
     heads = model.transformer.class_heads[: len(model.transformer.decoder.layers) - 1]
     training_only = model.transformer.denoising.label_embedding.weight.numel() + sum(
         p.numel() for head in heads for p in head.parameters())
     assert counts["total"] - counts["inference"] == training_only
-    assert benchmark.count_parameters(model)["inference"] == counts["total"]  # no inputs: everything
+    assert count_parameters(model)["inference"] == counts["total"]  # no inputs: everything
 
 
 def test_gflops_are_complete_and_grow_with_the_input(small_and_large):
@@ -105,12 +136,31 @@ def test_gflops_are_complete_and_grow_with_the_input(small_and_large):
         assert large["gflops"]["by_module"][part] == pytest.approx(4 * flops["by_module"][part])
 
 
-def test_latency_figures(small_and_large):
-    (_, figures), _ = small_and_large
+def test_latency_figures(timed):
+    _, figures = timed
     latency = figures["latency"]
     assert latency["threads"] == 1 and latency["iters"] == 2 and latency["warmup"] == 1
     assert 0 < latency["min_ms"] <= latency["median_ms"] <= latency["max_ms"]
     assert latency["min_ms"] <= latency["mean_ms"] <= latency["max_ms"]
+    assert "training" not in figures and "gemm_peaks" not in figures  # both switched off
+
+
+def test_benchmark_training_step_and_matrix_product_peak(capsys):
+    """tools/benchmark.py's other two jobs: a timed training step with its peak memory, and the
+    fp32 matrix-product peak of both CPU libraries; the report prints all of them."""
+    capsys.readouterr()
+    result = benchmark.main(["--config-file", TINY, "--input-size", "64", "64", "--warmup", "0", "--iters", "1",
+                             "--train-warmup", "1", "--train-iters", "2", "--gemm-size", "256"])
+    printed = capsys.readouterr().out
+    train = result["training"]
+    assert (train["batch"], train["warmup"], train["iters"]) == (2, 1, 2)
+    assert train["median_ms"] > 0 and train["peak_memory_mb"] > 100 and train["peak_memory_kind"] == "process peak RSS"
+    assert set(result["gemm_peaks"]) == {"mkl", "onednn"} and min(result["gemm_peaks"].values()) > 0
+    assert result["command"] in printed
+    assert f"median {result['latency']['median_ms']:.1f} ms" in printed
+    assert f"1 warmup + 2 steps): median {train['median_ms']:.0f} ms; peak memory {train['peak_memory_mb']:.0f} MiB" in printed
+    peaks = result["gemm_peaks"]
+    assert f"(256^3): mkl {peaks['mkl']:.0f}, onednn {peaks['onednn']:.0f} G multiply-adds/s" in printed
 
 
 class Attention(nn.Module):
@@ -133,7 +183,7 @@ class Shrink(nn.Module):
 
 
 def fvcore_total(module, inputs):
-    analysis = FlopCountAnalysis(module, inputs).set_op_handle(**benchmark.OP_HANDLES)
+    analysis = FlopCountAnalysis(module, inputs).set_op_handle(**OP_HANDLES)
     analysis.unsupported_ops_warnings(False)
     total = analysis.total()
     assert not analysis.unsupported_ops()
@@ -151,20 +201,20 @@ def test_cost_models():
 
 def test_page_row_and_page_format(tmp_path):
     """One benchmark-page row of the tiny config, then the page built from two such rows."""
-    row = benchmark.measure_config(TINY, 64, 64, "cpu", warmup=0, iters=1, train_iters=1, train_warmup=2)
+    row = page_tool.measure_config(TINY, 64, 64, "cpu", warmup=0, iters=1, train_iters=1, train_warmup=2)
     assert row["params_inference"] > 0 and row["gflops"] > 0
     assert (row["train_warmup"], row["train_iters"], row["latency_warmup"], row["latency_iters"]) == (2, 1, 0, 1)
     assert row["latency_ms"] > 0 and row["train_step_ms"] > 0 and row["peak_memory_mb"] > 100
     other = dict(row, gflops=2 * row["gflops"], latency_ms=3 * row["latency_ms"])
-    names = [name for name, *_ in benchmark.PAGE_MODELS[:2]]
-    result = {"command": "python tools/benchmark.py --all", "machine": benchmark.machine_info("cpu"),
+    names = [name for name, *_ in page_tool.PAGE_MODELS[:2]]
+    result = {"command": "python tools/benchmark_page.py", "machine": machine_info("cpu"),
               "rows": {names[0]: row, names[1]: other}, "input_size_hr": [64, 64], "device": "cpu",
               "baseline": {"before": {"latency_ms": 20.0, "train_step_ms": 300.0},
                            "after": {"latency_ms": 10.0, "train_step_ms": 200.0}, "commit": "0123456789abcdef",
                            "rounds": 2,
                            "per_round": [{"latency_ms": (22.0, 10.0), "train_step_ms": (300.0, 250.0)},
                                          {"latency_ms": (18.0, 10.0), "train_step_ms": (300.0, 150.0)}]}}
-    page = benchmark.format_page(result)
+    page = page_tool.format_page(result)
     assert "| 1 | 22.0 / 10.0 | x2.20 | 300 / 250 | x1.20 |" in page
     assert "| 2 | 18.0 / 10.0 | x1.80 | 300 / 150 | x2.00 |" in page
     assert "median of 1 steps after 2 untimed ones" in page
@@ -185,33 +235,51 @@ def test_page_row_and_page_format(tmp_path):
 def test_bf16_page_row_autocasts_eval_and_training():
     """The page's bf16 row: its overrides reach the model, the eval forward and the timed training
     steps run in bf16 (as TEST.SDCONET.AMP and the trainer's SOLVER.AMP do), and the page names them."""
-    name, config, opts = benchmark.PAGE_MODELS[1]
-    assert config == benchmark.PAGE_MODELS[0][1] and opts == benchmark.BF16_OPTS
-    model = benchmark.build_benchmark_model(TINY, list(opts))
+    name, config, opts = page_tool.PAGE_MODELS[1]
+    assert config == page_tool.PAGE_MODELS[0][1] and opts == page_tool.BF16_OPTS
+    model = build_benchmark_model(TINY, list(opts))
     seen = []
     model.backbone.register_forward_hook(lambda m, i, o: seen.append((m.training, next(iter(o.values())).dtype)))
     # 128 px, not 64: torch's CPU bf16 convolution gives non-finite weight gradients for a 3x3,
     # stride-2 convolution of a 1x1 map (the neck's extra level of a 64 px image).
     with torch.no_grad():
-        model(benchmark.random_inputs(128, 128))
-    batch = benchmark.synthetic_training_batch(128, 128, "cpu")
-    benchmark.measure_training_step(model, batch, warmup=0, iters=1, autocast_dtype=torch.bfloat16)
-    benchmark.measure_training_step(model, batch, warmup=0, iters=1)
+        model(random_inputs(128, 128))
+    batch = synthetic_training_batch(128, 128, "cpu")
+    measure_training_step(model, batch, warmup=0, iters=1, autocast_dtype=torch.bfloat16)
+    measure_training_step(model, batch, warmup=0, iters=1)
     assert seen == [(False, torch.bfloat16), (True, torch.bfloat16), (True, torch.float32)]
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    row = benchmark.measure_config(TINY, 128, 128, "cpu", warmup=0, iters=1, train_iters=1, train_warmup=0, opts=opts)
+    row = page_tool.measure_config(TINY, 128, 128, "cpu", warmup=0, iters=1, train_iters=1, train_warmup=0, opts=opts)
     assert row["opts"] == list(opts)
-    page = benchmark.format_page({"command": "c", "machine": benchmark.machine_info("cpu"), "rows": {
-        benchmark.PAGE_MODELS[0][0]: dict(row, opts=[]), name: row}, "input_size_hr": [128, 128], "device": "cpu"})
+    page = page_tool.format_page({"command": "c", "machine": machine_info("cpu"), "rows": {
+        page_tool.PAGE_MODELS[0][0]: dict(row, opts=[]), name: row}, "input_size_hr": [128, 128], "device": "cpu"})
     assert f"| {name} | `{TINY} {' '.join(opts)}` |" in page
 
 
 def test_rewriting_the_page_keeps_the_hand_written_part(tmp_path):
     page = tmp_path / "BENCHMARKS.md"
-    assert benchmark.kept_notes(str(page)) == ""  # no page yet
+    assert page_tool.kept_notes(str(page)) == ""  # no page yet
     page.write_text("# old measured part\n| 1 | 2 |\n")
-    assert benchmark.kept_notes(str(page)) == ""  # no marker: nothing is hand-written
-    notes = benchmark.NOTES_MARKER + "\n\n## GPU\n\nmeasured by hand\n"
+    assert page_tool.kept_notes(str(page)) == ""  # no marker: nothing is hand-written
+    notes = page_tool.NOTES_MARKER + "\n\n## GPU\n\nmeasured by hand\n"
     page.write_text("# old measured part\n| 1 | 2 |\n\n" + notes)
-    kept = benchmark.kept_notes(str(page))
+    kept = page_tool.kept_notes(str(page))
     assert kept.strip() == notes.strip() and "old measured part" not in kept
+
+
+def test_benchmark_page_measures_each_row_in_its_own_process_and_writes_the_page(tmp_path, monkeypatch):
+    """The whole tool on one tiny row: the row is measured by a child process
+    (``benchmark_page.py --measure``), the page is rewritten and its hand-written part kept."""
+    page = tmp_path / "BENCHMARKS.md"
+    page.write_text("# old measured part\n\n" + page_tool.NOTES_MARKER + "\n\nmeasured by hand\n")
+    monkeypatch.setattr(page_tool, "PAGE_MODELS", (("Tiny DINO", TINY, ()),))
+    argv = ["--page", str(page), "--input-size", "64", "64", "--warmup", "0", "--iters", "1",
+            "--train-warmup", "0", "--train-iters", "1", "--threads", "1"]
+    result = page_tool.main(argv)
+    text = page.read_text()
+    row = result["rows"]["Tiny DINO"]
+    assert row["threads"] == 1 and row["latency_iters"] == 1 and row["train_iters"] == 1
+    assert text.startswith("# SDCoNet benchmarks\n\nWritten by `python tools/benchmark_page.py --page ")
+    assert f"| Tiny DINO | `{TINY}` | {row['params_inference'] / 1e6:.2f} | {row['gflops']:.2f} |" in text
+    assert "old measured part" not in text
+    assert text.endswith(page_tool.NOTES_MARKER + "\n\nmeasured by hand\n")

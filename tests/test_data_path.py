@@ -8,21 +8,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-from sdconet import add_sdconet_config, register_sdconet_datasets
+from sdconet import get_sdconet_cfg, register_sdconet_datasets
 from sdconet.data.datasets import DATASETS, datasets_root
 from sdconet.data.mapper import Rot90Transform, SDCoNetDatasetMapper, read_image_any
 from sdconet.modeling.degradation import Degradation
 
 
 def make_cfg():
-    cfg = get_cfg()
-    add_sdconet_config(cfg)
-    return cfg
+    return get_sdconet_cfg(freeze=False)
 
 
 def write_coco(path, images, annotations, classes):
@@ -305,3 +302,42 @@ def test_sr_branch_needs_its_skip_features():
     cfg.MODEL.SDCONET.NECK.NUM_EXTRA_LEVELS = 2
     with pytest.raises(ValueError, match=r"MODEL\.SDCONET\.SWIN\.OUT_FEATURES.*res3"):
         check_sdconet_config(cfg)
+
+
+TINY_SDCONET = os.path.join(os.path.dirname(__file__), "..", "configs/quick_schedules/sdconet_tiny_synthetic.yaml")
+
+
+def test_check_table_names_real_keys_whose_defaults_pass():
+    from sdconet.config_checks import RULES, value_of
+
+    cfg = make_cfg()
+    refused = [key for key, rule in RULES.items() if not rule.ok(value_of(cfg, key))]  # a misspelt key: AttributeError
+    assert not refused, f"the check table refuses the defaults of {refused}"
+
+
+def test_get_sdconet_cfg_merges_file_and_opts_checks_and_freezes():
+    cfg = get_sdconet_cfg(TINY_SDCONET, ["SOLVER.MAX_ITER", 7])
+    assert cfg.is_frozen() and cfg.SOLVER.MAX_ITER == 7 and cfg.TEST.SDCONET.SR_QUALITY  # the file's keys, then opts
+    copy = get_sdconet_cfg(cfg, ["SOLVER.MAX_ITER", 9], freeze=False)
+    assert not copy.is_frozen() and copy.SOLVER.MAX_ITER == 9 and cfg.SOLVER.MAX_ITER == 7  # a copy, not the given one
+    with pytest.raises(ValueError, match=r"Invalid config: SOLVER\.MAX_ITER=0: must be >= 1"):
+        get_sdconet_cfg(TINY_SDCONET, ["SOLVER.MAX_ITER", 0])
+
+
+def test_lr_input_opts_evaluate_real_low_resolution_images():
+    from sdconet import lr_input_opts
+
+    # Undegraded test images alone contradict the file's SR_QUALITY: there is no HR reference.
+    with pytest.raises(ValueError, match=r"TEST\.SDCONET\.SR_QUALITY=True: needs the HR image as reference"):
+        get_sdconet_cfg(TINY_SDCONET, ["MODEL.SDCONET.DEGRADE.TEST", False])
+    cfg = get_sdconet_cfg(TINY_SDCONET, lr_input_opts())
+    assert (cfg.MODEL.SDCONET.DEGRADE.TEST, cfg.TEST.SDCONET.SR_QUALITY) == (False, False)
+
+
+def test_cpu_fallback_only_when_asked_and_cuda_is_missing(caplog):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    with caplog.at_level(logging.WARNING, logger="sdconet"):
+        cfg = get_sdconet_cfg(None, ["MODEL.DEVICE", "cuda"], cpu_fallback=True)
+    assert cfg.MODEL.DEVICE == expected
+    assert ("CUDA is not available: running on CPU" in caplog.text) == (expected == "cpu")
+    assert get_sdconet_cfg(None, ["MODEL.DEVICE", "cuda"]).MODEL.DEVICE == "cuda"

@@ -9,7 +9,7 @@ from sdconet.modeling.criterion import DINOCriterion, paired_giou_loss
 from sdconet.modeling.matcher import HungarianMatcher
 from sdconet.modeling.transformer.denoising import ContrastiveDenoising, DenoisingMeta, denoising_attention_mask
 from sdconet.modeling.transformer.dino_transformer import DINOTransformer
-from sdconet.modeling.transformer.position_encoding import PositionEmbeddingSine, box_sine_embedding
+from sdconet.layers.position_encoding import PositionEmbeddingSine, box_sine_embedding
 
 NUM_CLASSES = 4
 SHAPES = [(8, 10), (4, 5), (2, 3)]

@@ -1,4 +1,5 @@
 """Gradient routing trainer: phases, sum/project/stop on shared parameters, bf16, EMA, resume."""
+import contextlib
 import os
 
 import pytest
@@ -10,7 +11,8 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 import sdconet
-from sdconet.engine.routing import GradientRoutingTrainer, project_conflicting, routing_statistics
+from sdconet.engine.routing import project_conflicting, routing_statistics
+from sdconet.engine.train_loop import GradientRoutingTrainer
 from sdconet.engine.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,13 +32,23 @@ class ToyTwoTask(nn.Module):
         self.sr_decoder = nn.Linear(2, 1, bias=False)
         nn.init.ones_(self.det_head.weight)
         nn.init.ones_(self.sr_decoder.weight)
-        self.sr_active = True
+        self._sr = True
         self.det_target, self.sr_target = det_target, sr_target
+
+    @contextlib.contextmanager
+    def outputs(self, *, sr=None, saliency=None):
+        """SDCoNet's switch: ``sr=False`` leaves the SR loss out (gradient-routing phase 1)."""
+        previous = self._sr
+        self._sr = previous if sr is None else sr
+        try:
+            yield self
+        finally:
+            self._sr = previous
 
     def losses(self, x):
         z = self.shared(x)
         out = {"loss_det": ((self.det_head(z) - self.det_target) ** 2).mean()}
-        if self.sr_active:
+        if self._sr:
             out["loss_sr"] = ((self.sr_decoder(z) - self.sr_target) ** 2).mean()
         return out
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sdconet.modeling.matmul_conv import MatmulConv2d, MatmulConvTranspose2x2
+from sdconet.layers.matmul_conv import MatmulConv2d, MatmulConvTranspose2x2
 
 
 def _values_and_gradients(layer, x, grad_seed=1):

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from sdconet.modeling.transformer.ms_deform_attn import (
+from sdconet.layers.ms_deform_attn import (
     IMPLEMENTATIONS,
     MSDeformAttn,
     multi_scale_deformable_attention,

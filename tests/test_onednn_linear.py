@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdconet.modeling.onednn_linear import OneDNNLinear, linear, onednn_available, use_onednn_linear
+from sdconet.layers.onednn_linear import OneDNNLinear, linear, onednn_available, use_onednn_linear
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
 
@@ -150,7 +150,7 @@ def test_use_onednn_linear_switches_plain_linears_only_and_keeps_the_state_dict(
 
 
 def test_eval_reads_a_packed_weight_that_follows_weight_updates_and_is_dropped_by_train():
-    from sdconet.modeling import onednn_linear
+    from sdconet.layers import onednn_linear
 
     layer = OneDNNLinear(16, 24).eval()
     x = torch.randn(4, 16)
@@ -171,7 +171,7 @@ def test_bf16_autocast_eval_reads_a_packed_bf16_weight():
     """Under CPU bf16 autocast (TEST.SDCONET.AMP) an eval layer runs autocast's bf16 product on a
     packed bf16 copy of its weight, cast once instead of on every call; with gradients it leaves
     autocast alone."""
-    from sdconet.modeling import onednn_linear
+    from sdconet.layers import onednn_linear
 
     x, weight, b = _inputs((2, 7, 16))
     layer = OneDNNLinear(16, 24).eval()

@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import sdconet
@@ -15,10 +14,7 @@ TINY = os.path.join(REPO, "configs/quick_schedules/sdconet_tiny_synthetic.yaml")
 
 
 def tiny_model_and_cfg():
-    cfg = get_cfg()
-    sdconet.add_sdconet_config(cfg)
-    cfg.merge_from_file(TINY)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "SOLVER.FULL_MODEL_CLIP_NORM", 0.1])
+    cfg = sdconet.get_sdconet_cfg(TINY, ["MODEL.DEVICE", "cpu", "SOLVER.FULL_MODEL_CLIP_NORM", 0.1], freeze=False)
     torch.manual_seed(0)
     return build_model(cfg), cfg
 

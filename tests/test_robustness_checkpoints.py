@@ -21,7 +21,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 
@@ -41,13 +40,7 @@ WIDER = ["MODEL.SDCONET.SWIN.EMBED_DIM", 48, "MODEL.SDCONET.NECK.OUT_CHANNELS", 
 
 
 def load_cfg(path, opts=()):
-    cfg = get_cfg()
-    sdconet.add_sdconet_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
-    cfg.MODEL.DEVICE = "cpu"
-    sdconet.check_sdconet_config(cfg)
-    return cfg
+    return sdconet.get_sdconet_cfg(path, [*opts, "MODEL.DEVICE", "cpu"], freeze=False)
 
 
 def train_net(*args, cwd, env):

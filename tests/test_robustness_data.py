@@ -25,7 +25,7 @@ import pytest
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
-from sdconet import add_sdconet_config, check_sdconet_config, register_sdconet_datasets
+from sdconet import add_sdconet_config, get_sdconet_cfg, register_sdconet_datasets
 from sdconet.data.dataset_checks import report_data_check
 from sdconet.data.datasets import datasets_root
 from sdconet.data.mapper import SDCoNetDatasetMapper
@@ -69,13 +69,8 @@ def ann(i, box, image_id=1, category_id=1):
 
 
 def tiny_cfg(output_dir, *opts):
-    cfg = get_cfg()
-    add_sdconet_config(cfg)
-    cfg.merge_from_file(str(TINY))
-    cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(output_dir),
-                         *opts])
-    check_sdconet_config(cfg)
-    return cfg
+    return get_sdconet_cfg(TINY, ["SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0,
+                                  "OUTPUT_DIR", str(output_dir), *opts], freeze=False)
 
 
 # ----------------------------------------------------------------- 4. negative width, whatever the flips

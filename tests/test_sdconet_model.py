@@ -3,25 +3,20 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 import sdconet
 from sdconet.modeling.meta_arch import SR_LOSS_KEYS
-from sdconet.modeling.onednn_linear import OneDNNLinear, onednn_available
+from sdconet.layers.ms_deform_attn import MSDeformAttn
+from sdconet.layers.onednn_linear import OneDNNLinear, onednn_available
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs/quick_schedules/sdconet_tiny_synthetic.yaml")
 
 
 def build(opts=()):
-    cfg = get_cfg()
-    sdconet.add_sdconet_config(cfg)
-    cfg.merge_from_file(TINY)
-    cfg.merge_from_list(list(opts))
-    cfg.MODEL.DEVICE = "cpu"
-    sdconet.check_sdconet_config(cfg)
+    cfg = sdconet.get_sdconet_cfg(TINY, [*opts, "MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
     return build_model(cfg)
 
@@ -59,24 +54,54 @@ def test_sr_branch_runs_only_when_asked():
     model = build()
     counter = CallCounter(model.sr_decoder)
     model.train()
-    model.sr_active = False  # gradient-routing phase 1
-    losses = model([sample()])
+    with model.outputs(sr=False):  # gradient-routing phase 1
+        losses = model([sample()])
     assert counter.calls == 0 and "loss_sr" not in losses
-    model.sr_active = True
     assert "loss_sr" in model([sample()]) and counter.calls == 1
 
     model.eval()
     with torch.no_grad():
         out = model([sample(96, 128)])
     assert counter.calls == 1 and "sr" not in out[0]  # inference never runs the SR branch
-    model.return_sr = model.return_saliency = True
-    with torch.no_grad():
+    with torch.no_grad(), model.outputs(sr=True, saliency=True):
         out = model([sample(96, 128)])[0]
     assert counter.calls == 2
     assert out["sr"].shape == (3, 96, 128) and out["lr"].shape == (3, 48, 64)
     assert 0 <= out["sr"].min() and out["sr"].max() <= 255
     # saliency maps per level, cropped to the image (LR 48x64 -> stride 8: 6x8, ...)
     assert [tuple(s.shape) for s in out["saliency"]] == [(6, 8), (3, 4), (2, 2), (1, 1)]
+
+
+def test_outputs_choice_nests_and_is_restored_after_an_error():
+    """``model.outputs``: None keeps the enclosing choice; leaving a ``with`` (also by an error)
+    brings the previous one back; the model has no public output flags."""
+    model = build().eval()
+    assert not any(hasattr(model, name) for name in ("sr_active", "return_sr", "return_saliency"))
+
+    def extras():
+        with torch.no_grad():
+            return sorted(set(model([sample(64, 64)])[0]) - {"instances"})
+
+    with model.outputs(sr=True):
+        assert extras() == ["lr", "sr"]
+        with model.outputs(saliency=True):
+            assert extras() == ["lr", "saliency", "sr"]
+        with model.outputs(sr=False):
+            assert extras() == []
+        assert extras() == ["lr", "sr"]
+    with pytest.raises(RuntimeError, match="inside"):
+        with model.outputs(sr=True, saliency=True):
+            raise RuntimeError("inside")
+    assert extras() == []
+
+
+def test_deformable_attention_choices_reach_every_attention_module():
+    """TRANSFORMER.DEFORM_IMPL / DEFORM_COMPILE are constructor arguments of every MSDeformAttn."""
+    model = build(["MODEL.SDCONET.TRANSFORMER.DEFORM_IMPL", "gather", "MODEL.SDCONET.TRANSFORMER.DEFORM_COMPILE", True])
+    attention = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+    assert len(attention) == 2 * 2  # the tiny config: 2 encoder + 2 decoder layers
+    assert all(m.impl == "gather" and m.compile_sampling for m in attention)
+    assert all(m.impl == "auto" and not m.compile_sampling for m in build().modules() if isinstance(m, MSDeformAttn))
 
 
 def test_sr_loss_falls_when_overfitting_one_image():

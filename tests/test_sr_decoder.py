@@ -9,7 +9,7 @@ from torch.overrides import TorchFunctionMode
 from sdconet.config import add_sdconet_config, check_sdconet_config
 from sdconet.modeling.backbone import TimmSwinBackbone
 from sdconet.modeling.degradation import Degradation
-from sdconet.modeling.sr_decoder import SRDecoder
+from sdconet.modeling.sr_decoder import SRDecoder, build_sr_decoder
 
 TINY_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 TINY_SR = dict(depths=(1, 1, 1, 1), num_heads=(), drop_path_rate=0.0)
@@ -97,10 +97,10 @@ def test_non_square_and_odd_sizes(head, lr_size):
 
 
 def test_heads_are_validated_and_derived():
-    with pytest.raises(ValueError, match="MODEL.SDCONET.SR.NUM_HEADS"):
+    with pytest.raises(ValueError, match=r"num_heads=\(6, 12, 6, 3\) needs one value per stage dividing"):
         SRDecoder(32, num_heads=(6, 12, 6, 3))  # 6 does not divide 256
     assert SRDecoder(32, **TINY_SR).num_heads == (8, 4, 2, 1)
-    with pytest.raises(ValueError, match="MODEL.SDCONET.SR.HEAD"):
+    with pytest.raises(ValueError, match="head must be one of .*got 'x8'"):
         SRDecoder(32, head="x8", **TINY_SR)
 
 
@@ -111,14 +111,14 @@ def test_config_keys_validation_and_from_config():
     assert (sr.WINDOW_SIZE, sr.MLP_RATIO, sr.DROP_PATH_RATE, sr.LOSS_WEIGHT) == (8, 2.0, 0.1, 5.0)
     check_sdconet_config(cfg)
     with pytest.raises(ValueError, match="timm Swin"):
-        SRDecoder.from_config(cfg)  # the timm name fixes embed_dim: must be passed
-    assert SRDecoder.from_config(cfg, embed_dim=96).widths == (768, 384, 192, 96)
+        build_sr_decoder(cfg)  # the timm name fixes embed_dim: must be passed
+    assert build_sr_decoder(cfg, embed_dim=96).widths == (768, 384, 192, 96)
 
     cfg.MODEL.SDCONET.SWIN.NAME, cfg.MODEL.SDCONET.SWIN.EMBED_DIM = "custom", 32
     sr.HEAD, sr.NUM_HEADS, sr.DEPTHS = "full", (), (1, 1, 1, 1)
     cfg.MODEL.SDCONET.DEGRADE.SCALE = 4
     check_sdconet_config(cfg)
-    decoder = SRDecoder.from_config(cfg)
+    decoder = build_sr_decoder(cfg)
     assert (decoder.widths, decoder.head_mode, decoder.learned_factor) == ((256, 128, 64, 32), "full", 16)
 
     sr.HEAD = "bicubic"

@@ -13,7 +13,7 @@ import torch
 from pycocotools.coco import COCO
 from torchvision.ops import box_iou
 
-from sdconet.data import synthetic
+from sdconet.data import synthetic, synthetic_shapes
 from sdconet.data.metadata import SIZE_BANDS, SYNTHETIC_RS_CLASSES, size_band
 from sdconet.data.synthetic import generate_synthetic_dataset, synthetic_split_paths
 
@@ -128,11 +128,12 @@ def test_boxes_are_tight_around_the_drawn_object():
     for k in range(80):
         centre = np.array([48.0, 48.0]) + rng.uniform(-1, 1, 2)
         angle = rng.uniform(0, 2 * np.pi)
-        shape = (synthetic._make_vehicle(rng, centre, angle), synthetic._make_ship(rng, centre, angle, water),
-                 synthetic._make_plane(rng, centre, angle), synthetic._make_tank(rng, centre))[k % 4]
+        shape = (synthetic_shapes.make_vehicle(rng, centre, angle),
+                 synthetic_shapes.make_ship(rng, centre, angle, water),
+                 synthetic_shapes.make_plane(rng, centre, angle), synthetic_shapes.make_tank(rng, centre))[k % 4]
         mask = np.zeros((96, 96), np.uint8)
         for kind, geometry, _ in shape.parts:
-            synthetic._draw_part(mask, (kind, geometry, 255))
+            synthetic_shapes.draw_part(mask, (kind, geometry, 255))
         ys, xs = np.nonzero(mask > 127)
         extent = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
         # Within a pixel on every side: anti-aliasing and thin tips (bow, wing tips) blur the edge.

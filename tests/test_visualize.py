@@ -10,8 +10,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
+from sdconet import get_sdconet_cfg
 from sdconet.evaluation.sr_quality import psnr_y
-from sdconet.inference.predictor import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DINO = str(REPO / "configs" / "quick_schedules" / "dino_tiny_synthetic.yaml")
@@ -42,7 +42,7 @@ def source_images():
 
 def save_random_model(config, folder, name, seed):
     torch.manual_seed(seed)
-    DetectionCheckpointer(build_model(load_config(config)), save_dir=str(folder)).save(name)
+    DetectionCheckpointer(build_model(get_sdconet_cfg(config)), save_dir=str(folder)).save(name)
     return str(folder / f"{name}.pth")
 
 
@@ -100,7 +100,7 @@ def test_feature_heatmap_peaks_where_activation_is_strongest():
 
 
 def test_saliency_panels_per_level(synthetic_root, tmp_path):
-    cfg = load_config(SDCONET)
+    cfg = get_sdconet_cfg(SDCONET)
     levels = len(cfg.MODEL.SDCONET.SWIN.OUT_FEATURES) + cfg.MODEL.SDCONET.NECK.NUM_EXTRA_LEVELS
     pictures = run("saliency", SDCONET, tmp_path)
     for picture, source in zip(pictures, source_images()):

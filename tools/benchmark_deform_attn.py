@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 # Loaded by path: the module needs only torch, so this runs where detectron2 is not installed.
-_PATH = Path(__file__).resolve().parents[1] / "projects/SDCoNet/sdconet/modeling/transformer/ms_deform_attn.py"
+_PATH = Path(__file__).resolve().parents[1] / "projects/SDCoNet/sdconet/layers/ms_deform_attn.py"
 _spec = importlib.util.spec_from_file_location("ms_deform_attn", _PATH)
 msda = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = msda  # torch.compile looks modules up by name

@@ -19,7 +19,7 @@ import sys
 import onnx
 import torch
 
-import sdconet  # noqa: F401  (registers the model)
+import sdconet  # registers the model
 from sdconet.data.synthetic import render_tile
 from sdconet.inference import Predictor
 from sdconet.inference.export import compare, export_onnx, normalise
@@ -38,11 +38,8 @@ def main(argv=None):
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ... (last)")
     args = parser.parse_args(argv)
 
-    opts = list(args.opts) + ["MODEL.SDCONET.DEGRADE.TEST", str(bool(args.degrade))]
-    if not args.degrade:
-        # The input is the low-quality image: no HR reference to score the SR branch against
-        # (as train_net.py --lr-input).
-        opts += ["TEST.SDCONET.SR_QUALITY", "False"]
+    # Without --degrade the input is the low-quality image (as train_net.py --lr-input).
+    opts = list(args.opts) + (["MODEL.SDCONET.DEGRADE.TEST", True] if args.degrade else sdconet.lr_input_opts())
     predictor = Predictor(args.config_file, args.weights, device="cpu", opts=opts)
     model = predictor.model
     export_onnx(model, args.output, args.height, args.width, args.opset)

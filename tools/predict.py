@@ -32,7 +32,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
-import sdconet  # noqa: F401  (registers the model and datasets)
+import sdconet  # registers the model and datasets
 from sdconet.inference import Predictor
 from sdconet.inference.geo import detections_to_geojson, read_georeference
 
@@ -145,9 +145,8 @@ def main(argv=None):
         sys.exit(f"predict.py: error: {e}")
     if not files:
         sys.exit(f"predict.py: error: no image ({' '.join(IMAGE_EXTENSIONS)}) found in {' '.join(args.inputs)}")
-    opts = list(args.opts) + ["MODEL.SDCONET.DEGRADE.TEST", str(bool(args.degrade))]
-    if not args.degrade:  # the images are the real input: no HR reference to measure SR quality against
-        opts += ["TEST.SDCONET.SR_QUALITY", "False"]
+    # Without --degrade the images are the real low-quality input (as train_net.py --lr-input).
+    opts = list(args.opts) + (["MODEL.SDCONET.DEGRADE.TEST", True] if args.degrade else sdconet.lr_input_opts())
     predictor = Predictor(args.config_file, args.weights, device=args.device, opts=opts,
                           score_thresh=args.score_thresh)
     names = class_names(predictor.cfg)

@@ -18,13 +18,11 @@ import logging
 import os
 import sys
 
-import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.evaluation import verify_results
 
-from sdconet import add_sdconet_config, check_sdconet_config
+from sdconet import get_sdconet_cfg, lr_input_opts
 from sdconet.data.dataset_checks import report_data_check
 from sdconet.engine.checkpoint import AtomicDetectionCheckpointer
 from sdconet.engine.ema import ModelEMA
@@ -33,20 +31,10 @@ from sdconet.engine.trainer import Trainer
 
 
 def load_config(args):
-    """The config of ``args`` (file, then command-line overrides), checked; CPU when CUDA is missing."""
-    cfg = get_cfg()
-    add_sdconet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if getattr(args, "lr_input", False):
-        # The test images already are the low-quality input: evaluate them as they are.
-        cfg.MODEL.SDCONET.DEGRADE.TEST = False
-        cfg.TEST.SDCONET.SR_QUALITY = False
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logging.getLogger("sdconet").warning("CUDA is not available: running on CPU (MODEL.DEVICE=cpu)")
-        cfg.MODEL.DEVICE = "cpu"
-    check_sdconet_config(cfg)
-    return cfg
+    """The frozen config of ``args`` (file, then command-line overrides, then --lr-input); CPU when
+    CUDA is missing."""
+    opts = list(args.opts) + (lr_input_opts() if getattr(args, "lr_input", False) else [])
+    return get_sdconet_cfg(args.config_file, opts, cpu_fallback=True)
 
 
 def check_eval_weights(cfg, resume: bool) -> None:
@@ -64,7 +52,6 @@ def setup(args):
         check_eval_weights(cfg, args.resume)
     else:
         check_total_batch(cfg, comm.get_world_size())
-    cfg.freeze()
     default_setup(cfg, args)
     return cfg
 

@@ -38,11 +38,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
 
-import sdconet  # noqa: F401  (registers the model and datasets)
+from sdconet import get_sdconet_cfg  # importing sdconet registers the model and datasets
 from sdconet.data.image_io import read_image_any, read_options
 from sdconet.evaluation.sr_quality import psnr_y
 from sdconet.inference import Predictor
-from sdconet.inference.predictor import load_config
 
 logger = logging.getLogger("sdconet.visualize")
 
@@ -71,7 +70,7 @@ class ModelRun(NamedTuple):
 # ---------------------------------------------------------------------------------------------- model
 def load_model(config_file: str, weights: str, opts: Sequence[str] = (), device: Optional[str] = None):
     """(cfg, model in eval mode); empty ``weights`` keeps the random init (smoke tests) with a warning."""
-    cfg = load_config(config_file, opts)
+    cfg = get_sdconet_cfg(config_file, opts)
     if not weights:
         logger.warning(f"no weights given for {config_file}: drawing a randomly initialised model")
     predictor = Predictor(cfg, weights or None, device=device)
@@ -313,21 +312,21 @@ def cmd_features(args, cfg, model, records, names):
 
 
 def cmd_saliency(args, cfg, model, records, names):
-    model.return_saliency = True
     written = []
     for record in records:
         image = read_image_any(record["file_name"], format="BGR", **read_options(cfg))
-        run = run_model(model, image, cfg.INPUT.FORMAT)
+        with model.outputs(saliency=True):
+            run = run_model(model, image, cfg.INPUT.FORMAT)
         written.append(_write(args.out, record, "saliency", draw_saliency(image, run.outputs["saliency"])))
     return written
 
 
 def cmd_sr(args, cfg, model, records, names):
-    model.return_sr = True
     written = []
     for record in records:
         image = read_image_any(record["file_name"], format="BGR", **read_options(cfg))
-        run = run_model(model, image, cfg.INPUT.FORMAT)
+        with model.outputs(sr=True):
+            run = run_model(model, image, cfg.INPUT.FORMAT)
         sr = pixels_to_bgr(run.outputs["sr"], cfg.INPUT.FORMAT)
         bicubic = bicubic_upsample(run.lr, image.shape[:2])
         window = zoom_window(gt_boxes(record), image.shape[:2], args.crop_size)
@@ -381,7 +380,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> List[str]:
     args = parse_args(argv)
-    check_config(args.command, load_config(args.config_file, args.opts))
+    check_config(args.command, get_sdconet_cfg(args.config_file, args.opts))
     cfg, model = load_model(args.config_file, args.weights, args.opts, args.device)
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
     if not dataset:

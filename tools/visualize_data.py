@@ -13,14 +13,13 @@ import os
 import cv2
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
 
-from sdconet import add_sdconet_config
+from sdconet import get_sdconet_cfg
 from sdconet.data.image_io import read_image_any, read_options
-from sdconet.modeling.degradation import Degradation
+from sdconet.modeling.degradation import Degradation, build_degradation
 
 
 def degrade_image(image_bgr: np.ndarray, degradation: Degradation, mean, std) -> np.ndarray:
@@ -57,12 +56,8 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
 
-    cfg = get_cfg()
-    add_sdconet_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    degradation = Degradation.from_config(cfg)
+    cfg = get_sdconet_cfg(args.config_file, args.opts)
+    degradation = build_degradation(cfg)
     metadata = MetadataCatalog.get(args.dataset)
     dicts = DatasetCatalog.get(args.dataset)
     os.makedirs(args.out, exist_ok=True)

@@ -1,1 +1,1 @@
-"""Datasets (registration, metadata, raw-format converters, synthetic set) and the mapper."""
+"""Datasets: registration, metadata, json checks, image reading, the mapper, converters, the synthetic set."""

@@ -131,7 +131,7 @@ def _band_indexes(file_name: str, bands: Sequence[int], count: int) -> list:
     missing = [b for b in bands if not 1 <= b <= count]
     if missing:
         raise IOError(f"Cannot read bands {tuple(bands)} of image file {file_name}: it has {count} band(s), "
-                      f"so band(s) {missing} do not exist (INPUT.SDCONET.BANDS)")
+                      f"so band(s) {missing} do not exist")
     return list(bands)
 
 

@@ -1,4 +1,4 @@
-"""Class lists of the datasets SDCoNet knows (spec §6.1).
+"""Class lists of the datasets SDCoNet knows.
 
 Category ids in every COCO json we write are 1..N in the order of these lists, so
 detectron2's ``load_coco_json`` maps them to the contiguous ids 0..N-1 of ``thing_classes``.
@@ -16,7 +16,7 @@ DOTA15_CLASSES = (
     "container-crane",
 )
 
-# HRSSD of the paper is the 13-class HRRSD release (Zhang et al., TGRS 2019); spec §6.1.
+# HRSSD of the paper is the 13-class HRRSD release (Zhang et al., TGRS 2019).
 HRSSD_CLASSES = (
     "airplane", "baseball diamond", "basketball court", "bridge", "crossroad",
     "ground track field", "harbor", "parking lot", "ship", "storage tank",

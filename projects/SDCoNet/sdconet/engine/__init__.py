@@ -1,0 +1,1 @@
+"""Training: the step (train_loop), gradient routing maths, the config-built Trainer, EMA, checkpoints and process launch."""

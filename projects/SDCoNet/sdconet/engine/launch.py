@@ -5,6 +5,7 @@ run several processes on CPU. ``torchrun`` starts the processes itself and descr
 environment variables; :func:`init_torchrun_process_group` joins the group it set up (gloo on
 CPU, nccl on CUDA) and gives detectron2's ``comm`` the per-machine group that ``launch`` would
 have made, so ``comm.get_local_rank()`` / ``get_local_size()`` work the same either way.
+:func:`wrap_ddp` then wraps the model for those processes, on CPU too.
 """
 import os
 from typing import Callable
@@ -14,6 +15,8 @@ import torch.distributed as dist
 from detectron2.engine import DefaultTrainer, launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 # Variables torchrun (torch.distributed.run) sets in every process it starts.
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -90,3 +93,22 @@ def launch_training(main_func: Callable, args, device: str = "cuda"):
                            "start the processes with torchrun: torchrun --nproc_per_node N tools/train_net.py ...")
     return launch(main_func, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                   dist_url=args.dist_url, args=(args,))
+
+
+def wrap_ddp(model: nn.Module) -> nn.Module:
+    """DistributedDataParallel when several processes train, on CPU (gloo) or CUDA (nccl).
+
+    detectron2 0.6's ``create_ddp_model`` always passes CUDA device ids, which DDP refuses for a
+    CPU model. The training step averages gradients itself (inside ``no_sync``), so DDP here only
+    broadcasts rank 0's initial weights and keeps the usual ``model.module`` layout.
+    """
+    if comm.get_world_size() == 1:
+        return model
+    device = next(model.parameters()).device
+    device_ids = [device.index if device.index is not None else comm.get_local_rank()] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a :func:`wrap_ddp` wrapper (the model itself when there is none)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

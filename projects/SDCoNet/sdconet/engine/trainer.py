@@ -1,18 +1,27 @@
-"""detectron2 ``DefaultTrainer`` wiring for SDCoNet: AdamW with a backbone LR multiplier,
-full-model gradient clipping, our dataset mapper, the gradient-routing step (phases, AMP,
-EMA), atomic checkpoints, a resumable data order and COCO evaluation on the test split."""
+"""SDCoNet's training from a config: AdamW with a backbone LR multiplier and full-model gradient
+clipping, our dataset mapper, the gradient-routing step, EMA, atomic checkpoints, a resumable
+data order and COCO evaluation on the test split.
+
+``Trainer`` follows detectron2's ``DefaultTrainer`` workflow (``Trainer(cfg)``,
+``resume_or_load``, ``train``, ``Trainer.test``) but is built as detrex's ``train_net`` builds
+its trainer: the step (:class:`.train_loop.GradientRoutingTrainer`) is the trainer, and one hook
+list does the rest. ``DefaultTrainer.__init__`` cannot be used: it wraps the model with
+``create_ddp_model``, whose CUDA device ids DDP refuses for a model on CPU (gloo processes).
+"""
+import contextlib
 import itertools
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import DefaultTrainer, hooks
-from detectron2.engine.train_loop import TrainerBase
-from detectron2.evaluation import DatasetEvaluators
+from detectron2.engine import DefaultTrainer, default_writers, hooks
+from detectron2.evaluation import DatasetEvaluators, inference_on_dataset, print_csv_format, verify_results
+from detectron2.modeling import build_model
+from detectron2.solver import build_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -21,7 +30,8 @@ from ..data.mapper import SDCoNetDatasetMapper
 from ..evaluation import SRQualityEvaluator, SmallObjectCOCOEvaluator
 from .checkpoint import AtomicDetectionCheckpointer
 from .ema import ModelEMA
-from .routing import GradientRoutingTrainer, unwrap
+from .launch import unwrap, wrap_ddp
+from .train_loop import GradientRoutingTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +59,7 @@ def with_full_model_clipping(optimizer_cls, max_norm: float):
     """Subclass ``optimizer_cls`` so ``step()`` first clips the L2 norm of all gradients together.
 
     detectron2's ``SOLVER.CLIP_GRADIENTS`` clips per parameter; DETR-family recipes clip the
-    whole model at 0.1 (spec §7).
+    whole model at 0.1.
     """
     if max_norm <= 0:
         return optimizer_cls
@@ -66,12 +76,14 @@ def with_full_model_clipping(optimizer_cls, max_norm: float):
 
 def with_gradients_laid_out_like_parameters(optimizer_cls):
     """Subclass ``optimizer_cls`` so ``step()`` first copies any gradient whose strides differ from
-    its parameter's into the parameter's layout.
+    its parameter's into the parameter's layout: the one place gradient layouts are fixed.
 
-    torch's fused CPU AdamW walks gradient and parameter with the parameter's strides: a
-    gradient laid out otherwise (``autograd.grad`` results of a transposed convolution, summed
-    by the routing step) gets a wrong update. Autograd's own accumulation never produces such
-    gradients, so this is normally a no-op loop.
+    ``.backward()`` lays every gradient out like its parameter (autograd's layout contract);
+    ``autograd.grad`` results need not (a transposed convolution's, for one), and the routing step
+    adds them to ``.grad``. torch's fused CPU AdamW walks gradient and parameter with the
+    parameter's strides, so such a gradient would get a wrong update. Applied before the
+    full-model clipping, so the whole step reads gradients laid out as ``.backward()`` lays them
+    out. Normally a loop that copies nothing.
     """
 
     class LayoutSafe(optimizer_cls):
@@ -89,8 +101,8 @@ def with_gradients_laid_out_like_parameters(optimizer_cls):
 def fused_kernel_available(groups) -> bool:
     """Whether torch's fused AdamW kernel can take these parameters (floating point, CPU or CUDA).
 
-    It updates every tensor in one pass instead of a dozen element-wise ops per tensor: 3.4x
-    faster on CPU for SDCoNet's 86 M parameters (BENCHMARKS.md), same update up to rounding.
+    It updates every tensor in one pass instead of a dozen element-wise ops per tensor (the same
+    update up to rounding).
     """
     params = [p for group in groups for p in group["params"]]
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) \
@@ -101,25 +113,10 @@ def build_sdconet_optimizer(cfg, model):
     groups = build_param_groups(model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.BACKBONE_MULTIPLIER)
     if cfg.SOLVER.OPTIMIZER == "ADAMW":
         fused = fused_kernel_available(groups)
-        cls = with_gradients_laid_out_like_parameters(torch.optim.AdamW) if fused else torch.optim.AdamW
-        cls = with_full_model_clipping(cls, cfg.SOLVER.FULL_MODEL_CLIP_NORM)
-        return cls(groups, lr=cfg.SOLVER.BASE_LR, fused=fused)
+        cls = with_full_model_clipping(torch.optim.AdamW, cfg.SOLVER.FULL_MODEL_CLIP_NORM)
+        return with_gradients_laid_out_like_parameters(cls)(groups, lr=cfg.SOLVER.BASE_LR, fused=fused)
     cls = with_full_model_clipping(torch.optim.SGD, cfg.SOLVER.FULL_MODEL_CLIP_NORM)
-    return cls(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM)
-
-
-def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
-    """DistributedDataParallel when several processes train, on CPU (gloo) or CUDA (nccl).
-
-    detectron2 0.6's ``create_ddp_model`` always passes CUDA device ids. The gradient-routing
-    step averages gradients itself (inside ``no_sync``), so DDP here only broadcasts the initial
-    weights and keeps the usual ``model.module`` layout.
-    """
-    if comm.get_world_size() == 1:
-        return model
-    device = next(model.parameters()).device
-    device_ids = [device.index if device.index is not None else comm.get_local_rank()] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return with_gradients_laid_out_like_parameters(cls)(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM)
 
 
 class ResumableTrainingSampler(TrainingSampler):
@@ -138,45 +135,89 @@ class ResumableTrainingSampler(TrainingSampler):
         yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
 
 
-class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with SDCoNet's optimizer, mapper, evaluator and training step.
+class Trainer(GradientRoutingTrainer):
+    """SDCoNet's training step built from a config, with detectron2's default hooks.
 
     ``--resume`` restores weights, optimizer, LR schedule, EMA, GradScaler and the iteration (and
     with it the routing phase), and continues the data stream where it stopped. With SEED >= 0,
     DATALOADER.NUM_WORKERS 0 (augmentation draws happen in the main process) and one aspect-ratio
     group (square tiles), the resumed run ends with exactly the weights of an uninterrupted one.
+
+    Args:
+        allow_partial_weights: load MODEL.WEIGHTS even if it sets under half of the model's tensors.
     """
 
     def __init__(self, cfg, allow_partial_weights: bool = False):
-        # DefaultTrainer.__init__, with our step, sampler, EMA and checkpointer.
-        # allow_partial_weights: load MODEL.WEIGHTS even if it sets under half of the model's tensors.
-        TrainerBase.__init__(self)
-        logger = logging.getLogger("detectron2")
-        if not logger.isEnabledFor(logging.INFO):
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         dataset = training_dataset_dicts(cfg)  # an error when they hold no annotation at all
-        self.train_sampler = ResumableTrainingSampler(len(dataset), seed=cfg.SEED if cfg.SEED >= 0 else None)
-        data_loader = self.build_train_loader(cfg, dataset=dataset, sampler=self.train_sampler)
+        sampler = ResumableTrainingSampler(len(dataset), seed=cfg.SEED if cfg.SEED >= 0 else None)
+        data_loader = self.build_train_loader(cfg, dataset=dataset, sampler=sampler)
         model = wrap_ddp(model)  # DDP broadcasts rank 0's weights: the EMA must start from them
-        self.ema = ModelEMA(unwrap(model), cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
+        ema = ModelEMA(unwrap(model), cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
         gr = cfg.SOLVER.GRADIENT_ROUTING
-        self._trainer = GradientRoutingTrainer(
-            model, data_loader, optimizer, start_iter=gr.START_ITER, mode=gr.MODE, projection=gr.PROJECTION,
+        super().__init__(
+            model, data_loader, optimizer, routing_start=gr.START_ITER, mode=gr.MODE, projection=gr.PROJECTION,
             log_period=gr.LOG_PERIOD, amp=cfg.SOLVER.AMP.ENABLED,
             amp_dtype=torch.float16 if cfg.SOLVER.AMP.DTYPE == "float16" else torch.bfloat16,
-            seed=cfg.SEED, ema=self.ema)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        checkpointables = {"ema": self.ema} if self.ema is not None else {}
+            seed=cfg.SEED, ema=ema)
+        self.cfg = cfg
+        self.train_sampler = sampler
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.scheduler = build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
                                                         allow_partial_weights=allow_partial_weights,
-                                                        **checkpointables)
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
+                                                        **({"ema": ema} if ema is not None else {}))
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        """detectron2's default hooks, in its order (no PreciseBN: SDCoNet has no BatchNorm)."""
+        main = comm.is_main_process()
+        return [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(),  # the trainer's optimizer and scheduler
+            hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD) if main else None,
+            hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate),
+            hooks.PeriodicWriter(default_writers(self.cfg.OUTPUT_DIR, self.max_iter), period=20) if main else None,
+        ]
+
+    def evaluate(self):
+        """The periodic and final evaluation, with the EMA weights when there is an EMA."""
+        with self.ema.applied_to(unwrap(self.model)) if self.ema is not None else contextlib.nullcontext():
+            self._last_eval_results = self.test(self.cfg, self.model)
+        return self._last_eval_results
+
+    def resume_or_load(self, resume=True):
+        """With ``resume`` and a checkpoint in OUTPUT_DIR: continue from it (weights, optimizer, LR
+        schedule, EMA, GradScaler, iteration, data stream); otherwise load MODEL.WEIGHTS."""
+        self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1  # the checkpoint holds the iteration that had finished
+        # Continue the data stream after the images the finished iterations consumed.
+        images_per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        self.train_sampler.skip = self.start_iter * images_per_rank
+
+    def train(self):
+        """Train from ``start_iter`` to SOLVER.MAX_ITER; with TEST.EXPECTED_RESULTS, check the last
+        evaluation against them and return it."""
+        super().train(self.start_iter, self.max_iter)
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            assert hasattr(self, "_last_eval_results"), "No evaluation results obtained during training!"
+            verify_results(self.cfg, self._last_eval_results)
+            return self._last_eval_results
+
+    def load_state_dict(self, state_dict):
+        # Checkpoints of earlier versions, whose trainer wrapped this step, hold the optimizer and
+        # GradScaler states under "_trainer"; detectron2's own DefaultTrainer saves no optimizer.
+        state_dict = {**state_dict.get("_trainer", {}), **state_dict}
+        if "optimizer" not in state_dict:
+            logger.warning("The checkpoint holds no optimizer state (saved by an older version?): the "
+                           "optimizer restarts from scratch")
+            state_dict["optimizer"] = self.optimizer.state_dict()
+        super().load_state_dict(state_dict)
 
     @staticmethod
     def auto_scale_workers(cfg, num_workers: int):
@@ -193,40 +234,11 @@ class Trainer(DefaultTrainer):
             scaled.freeze()
         return scaled
 
-    def resume_or_load(self, resume=True):
-        super().resume_or_load(resume=resume)
-        # Continue the data stream after the images the finished iterations consumed.
-        images_per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-        self.train_sampler.skip = self.start_iter * images_per_rank
-
-    # detectron2 0.6's DefaultTrainer leaves the inner trainer out of its checkpoints, so the
-    # optimizer (and GradScaler) state would be lost on --resume; later releases fixed it this way.
-    def state_dict(self):
-        ret = super().state_dict()
-        ret["_trainer"] = self._trainer.state_dict()
-        return ret
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
-        else:
-            logging.getLogger(__name__).warning("The checkpoint holds no optimizer state (saved by an older "
-                                                "version?): the optimizer restarts from scratch")
-
-    def build_hooks(self):
-        """detectron2's hooks; with EMA, periodic evaluation uses the averaged weights."""
-        ret = super().build_hooks()
-        if self.ema is None:
-            return ret
-
-        def test_with_ema():
-            with self.ema.applied_to(unwrap(self.model)):
-                self._last_eval_results = self.test(self.cfg, self.model)
-            return self._last_eval_results
-
-        return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_with_ema) if isinstance(h, hooks.EvalHook) else h
-                for h in ret]
+    @classmethod
+    def build_model(cls, cfg):
+        model = build_model(cfg)
+        logging.getLogger("detectron2").info("Model:\n{}".format(model))
+        return model
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -260,11 +272,21 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """detectron2's test loop; asks the model for its SR image when SR quality is measured."""
+        """Evaluate ``model`` on every DATASETS.TEST (``evaluators``: one per dataset, by default
+        :meth:`build_evaluator`'s), asking it for its SR image when SR quality is measured.
+
+        Returns the results of the one dataset, or ``{dataset: results}`` for several (as
+        ``DefaultTrainer.test``).
+        """
         inner = unwrap(model)
-        previous = getattr(inner, "return_sr", False)
-        inner.return_sr = previous or bool(cfg.TEST.SDCONET.SR_QUALITY)
-        try:
-            return super().test(cfg, model, evaluators)
-        finally:
-            inner.return_sr = previous
+        with_sr = cfg.TEST.SDCONET.SR_QUALITY and hasattr(inner, "outputs")
+        results = OrderedDict()
+        for i, name in enumerate(cfg.DATASETS.TEST):
+            data_loader = cls.build_test_loader(cfg, name)
+            evaluator = evaluators[i] if evaluators is not None else cls.build_evaluator(cfg, name)
+            with inner.outputs(sr=True) if with_sr else contextlib.nullcontext():
+                results[name] = inference_on_dataset(model, data_loader, evaluator)
+            if comm.is_main_process():
+                logging.getLogger("detectron2").info(f"Evaluation results for {name} in csv format:")
+                print_csv_format(results[name])
+        return next(iter(results.values())) if len(results) == 1 else results

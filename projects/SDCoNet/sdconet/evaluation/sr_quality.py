@@ -126,7 +126,7 @@ class SRQualityEvaluator(DatasetEvaluator):
             missing = [key for key in ("sr", "lr") if key not in output]
             if missing:
                 raise KeyError(f"SRQualityEvaluator needs output[{missing[0]!r}]: build the model with its SR "
-                               "branch enabled and ask it to return the 'sr' and 'lr' images at inference.")
+                               "branch enabled and run it inside model.outputs(sr=True).")
             sr = output["sr"].detach().to(torch.float64)
             hr = input["image"].to(device=sr.device, dtype=torch.float64)
             if sr.shape != hr.shape:

@@ -8,34 +8,18 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from tqdm import tqdm
 
-from ..config import add_sdconet_config, check_sdconet_config
+from ..config import get_sdconet_cfg
 from ..data.image_io import read_image_any, read_options
 from ..engine.checkpoint import AtomicDetectionCheckpointer
 from .tiling import merge_tile_detections, read_tile, tile_grid
 
 logger = logging.getLogger(__name__)
 ImageLike = Union[str, np.ndarray]
-
-
-def load_config(cfg_or_path: Union[CfgNode, str], opts: Sequence[str] = ()) -> CfgNode:
-    """A frozen SDCoNet config from a config object or a yaml path, with ``opts`` merged on top."""
-    if isinstance(cfg_or_path, CfgNode):
-        cfg = cfg_or_path.clone()
-        cfg.defrost()
-        add_sdconet_config(cfg)
-    else:
-        cfg = get_cfg()
-        add_sdconet_config(cfg)
-        cfg.merge_from_file(cfg_or_path)
-    cfg.merge_from_list(list(opts))
-    check_sdconet_config(cfg)
-    cfg.freeze()
-    return cfg
 
 
 def _pick_device(requested: Optional[str], cfg: CfgNode) -> torch.device:
@@ -62,7 +46,7 @@ class Predictor:
     """
 
     def __init__(self, cfg_or_path, weights=None, device=None, opts=(), score_thresh: float = 0.0):
-        self.cfg = load_config(cfg_or_path, opts)
+        self.cfg = get_sdconet_cfg(cfg_or_path, opts)
         self.device = _pick_device(device, self.cfg)
         self.model = build_model(self.cfg).to(self.device).eval()
         if weights:

@@ -36,11 +36,6 @@ class Degradation(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1), False)
         self._generators = {}
 
-    @classmethod
-    def from_config(cls, cfg):
-        d = cfg.MODEL.SDCONET.DEGRADE
-        return cls(d.SCALE, d.MODE, tuple(d.BLUR_SIGMA), tuple(d.NOISE_STD), tuple(cfg.MODEL.PIXEL_STD), d.SEED)
-
     @property
     def is_identity(self) -> bool:
         return self.scale == 1 and self.blur_sigma[1] == 0 and self.noise_std[1] == 0
@@ -86,3 +81,9 @@ class Degradation(nn.Module):
             return img
         k = 2 * math.ceil(3 * sigma) + 1
         return gaussian_blur(img, [k, k], [sigma, sigma])
+
+
+def build_degradation(cfg) -> Degradation:
+    """The degradation of ``cfg.MODEL.SDCONET.DEGRADE``, adding noise in ``cfg.MODEL.PIXEL_STD`` units."""
+    d = cfg.MODEL.SDCONET.DEGRADE
+    return Degradation(d.SCALE, d.MODE, tuple(d.BLUR_SIGMA), tuple(d.NOISE_STD), tuple(cfg.MODEL.PIXEL_STD), d.SEED)

@@ -21,15 +21,14 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torchvision.ops import box_convert
 
+from ..layers.onednn_linear import use_onednn_linear
 from .criterion import DINOCriterion
-from .degradation import Degradation
+from .degradation import build_degradation
 from .matcher import HungarianMatcher
 from .neck import build_neck
-from .onednn_linear import use_onednn_linear
 from .saliency import flatten_levels, saliency_loss, saliency_targets
-from .sr_decoder import SRDecoder
+from .sr_decoder import SRDecoder, build_sr_decoder
 from .transformer.dino_transformer import DINOTransformer
-from .transformer.ms_deform_attn import MSDeformAttn
 
 # Loss names that belong to the SR task; all other losses are detection (+ saliency).
 SR_LOSS_KEYS = ("loss_sr",)
@@ -46,19 +45,15 @@ def build_dino_transformer(cfg, num_levels: int) -> DINOTransformer:
     """The DINO transformer of ``cfg`` (with saliency-driven selection when SALIENCY.ENABLED)."""
     s = cfg.MODEL.SDCONET
     t, sal = s.TRANSFORMER, s.SALIENCY
-    transformer = DINOTransformer(
+    return DINOTransformer(
         num_classes=s.NUM_CLASSES, embed_dim=s.NECK.OUT_CHANNELS, num_heads=t.NUM_HEADS,
         num_levels=num_levels, num_points=t.NUM_POINTS,
         enc_layers=t.ENC_LAYERS, dec_layers=t.DEC_LAYERS, ffn_dim=t.FFN_DIM, dropout=t.DROPOUT,
         num_queries=t.NUM_QUERIES, pos_temperature=t.POS_TEMPERATURE,
         dn_num_queries=s.DN.NUM_QUERIES, dn_label_noise=s.DN.LABEL_NOISE, dn_box_noise=s.DN.BOX_NOISE,
         saliency_alpha=sal.ALPHA if sal.ENABLED else None, level_ratios=tuple(sal.LEVEL_RATIOS),
-        layer_ratios=tuple(sal.LAYER_RATIOS), topk_sa=sal.TOPK_PRE_ATTENTION, shared_scorer=sal.SHARED_SCORER)
-    for module in transformer.modules():
-        if isinstance(module, MSDeformAttn):
-            module.impl = t.DEFORM_IMPL
-            module.compile_sampling = t.DEFORM_COMPILE
-    return transformer
+        layer_ratios=tuple(sal.LAYER_RATIOS), topk_sa=sal.TOPK_PRE_ATTENTION, shared_scorer=sal.SHARED_SCORER,
+        deform_impl=t.DEFORM_IMPL, deform_compile=t.DEFORM_COMPILE)
 
 
 def build_dino_criterion(cfg) -> DINOCriterion:
@@ -99,14 +94,11 @@ class SDCoNet(nn.Module):
         super().__init__()
         # Autocast dtype of eval forwards (TEST.SDCONET.AMP); None = fp32.
         self.eval_amp_dtype = eval_amp_dtype
-        # Training-only SR branch; ``sr_active`` False skips it entirely (gradient-routing phase 1).
+        # Training-only SR branch (skipped inside ``outputs(sr=False)``: gradient-routing phase 1).
         self.sr_decoder = sr_decoder
         self.sr_loss_weight = sr_loss_weight
-        self.sr_active = True
-        # Evaluation extras, off by default: add "sr"/"lr" images and per-level "saliency" maps
-        # to each output dict (for the SR quality evaluator and the picture tools).
-        self.return_sr = False
-        self.return_saliency = False
+        # What forward returns besides detections / losses; changed only through ``outputs``.
+        self._outputs = {"sr": None, "saliency": None}
         self.saliency_loss_weight = saliency_loss_weight
         self.saliency_ranges = tuple(tuple(float(v) for v in r) for r in saliency_ranges) if saliency_ranges else None
         self.saliency_focal = saliency_focal
@@ -128,7 +120,7 @@ class SDCoNet(nn.Module):
         in_features = list(s.SWIN.OUT_FEATURES)
         shapes = backbone.output_shape()
         neck = build_neck(cfg, [shapes[f] for f in in_features])
-        sr_decoder = SRDecoder.from_config(cfg, shapes["patch_embed"].channels) if s.SR.ENABLED else None
+        sr_decoder = build_sr_decoder(cfg, shapes["patch_embed"].channels) if s.SR.ENABLED else None
         transformer = build_dino_transformer(cfg, len(in_features) + s.NECK.NUM_EXTRA_LEVELS)
         if s.ONEDNN_LINEAR:
             for part in (backbone, neck, transformer, sr_decoder):
@@ -137,7 +129,7 @@ class SDCoNet(nn.Module):
         return {
             "backbone": backbone, "neck": neck, "transformer": transformer,
             "criterion": build_dino_criterion(cfg),
-            "degradation": Degradation.from_config(cfg), "in_features": in_features,
+            "degradation": build_degradation(cfg), "in_features": in_features,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "num_detections": s.TRANSFORMER.NUM_DETECTIONS, "degrade_test": s.DEGRADE.TEST,
             "sr_decoder": sr_decoder, "sr_loss_weight": s.SR.LOSS_WEIGHT,
@@ -214,12 +206,31 @@ class SDCoNet(nn.Module):
         return {"loss_saliency": self.saliency_loss_weight * loss}
 
     # ------------------------------------------------------------------ forward
+    @contextlib.contextmanager
+    def outputs(self, *, sr: Optional[bool] = None, saliency: Optional[bool] = None):
+        """What forwards inside the ``with`` return, like ``do_postprocess`` in detectron2's
+        ``GeneralizedRCNN.inference`` but for the whole model (the trainer's loop calls ``model(x)``).
+
+        Training: ``sr=False`` skips the SR branch, so no ``loss_sr`` (gradient-routing phase 1);
+        by default it runs. Eval: ``sr=True`` adds the "sr" and "lr" images to each output dict and
+        ``saliency=True`` the per-level "saliency" maps; by default neither. None keeps what the
+        enclosing ``with`` chose; the previous choice comes back on exit, also after an error.
+        """
+        previous = self._outputs
+        self._outputs = {"sr": previous["sr"] if sr is None else bool(sr),
+                         "saliency": previous["saliency"] if saliency is None else bool(saliency)}
+        try:
+            yield self
+        finally:
+            self._outputs = previous
+
     @property
     def runs_sr(self) -> bool:
-        """Whether this forward computes the SR image."""
+        """Whether this forward computes the SR image (see :meth:`outputs`)."""
         if self.sr_decoder is None:
             return False
-        return self.sr_active if self.training else self.return_sr
+        sr = self._outputs["sr"]
+        return sr is not False if self.training else sr is True
 
     def eval_autocast(self):
         """Autocast for an eval forward when TEST.SDCONET.AMP asks for it. Never in training (the
@@ -263,7 +274,7 @@ class SDCoNet(nn.Module):
             if sr is not None:
                 out["sr"] = self.to_pixels(sr[i, :, : size[0], : size[1]])
                 out["lr"] = self.to_pixels(lr[i, :, : lr_sizes[i][0], : lr_sizes[i][1]])
-            if self.return_saliency and outputs.get("saliency") is not None:
+            if self._outputs["saliency"] and outputs.get("saliency") is not None:
                 # Per level (h_l, w_l) probabilities over the padded LR grid, cropped to the image.
                 out["saliency"] = [
                     lvl[i, : -(-lr_sizes[i][0] * lvl.shape[1] // lr.shape[-2]),

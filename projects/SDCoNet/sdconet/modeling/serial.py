@@ -12,14 +12,17 @@ True = DINO_SR_TS (SR image detached: SR and detection trained apart), False = S
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 
+from ..layers.onednn_linear import use_onednn_linear
 from .meta_arch import SDCoNet
-from .onednn_linear import use_onednn_linear
-from .sr_decoder import SRDecoder
+from .sr_decoder import build_sr_decoder
 
 
 @META_ARCH_REGISTRY.register()
 class SerialSRDetector(SDCoNet):
-    """SR network on the LR input, then a separate Swin + DINO on the SR image."""
+    """SR network on the LR input, then a separate Swin + DINO on the SR image.
+
+    The detector needs the SR image, so the SR network always runs and training always returns
+    ``loss_sr``; ``outputs(sr=True)`` only adds the "sr" / "lr" images to eval outputs."""
 
     @configurable
     def __init__(self, *, sr_backbone, detach: bool = True, **kwargs):
@@ -34,7 +37,7 @@ class SerialSRDetector(SDCoNet):
         args = super().from_config(cfg)
         sr_backbone = build_backbone(cfg)
         args["sr_backbone"] = sr_backbone
-        args["sr_decoder"] = SRDecoder.from_config(cfg, sr_backbone.output_shape()["patch_embed"].channels)
+        args["sr_decoder"] = build_sr_decoder(cfg, sr_backbone.output_shape()["patch_embed"].channels)
         if cfg.MODEL.SDCONET.ONEDNN_LINEAR:
             use_onednn_linear(sr_backbone)
             use_onednn_linear(args["sr_decoder"])
@@ -53,4 +56,4 @@ class SerialSRDetector(SDCoNet):
                 return self.training_losses(levels, masks, batched_inputs, images, sr)
 
             outputs = self.transformer(levels, masks, None)
-        return self.postprocess(outputs, batched_inputs, images, lr, lr_sizes, sr if self.return_sr else None)
+        return self.postprocess(outputs, batched_inputs, images, lr, lr_sizes, sr if self._outputs["sr"] else None)

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformerBlock
 
+from ..layers.matmul_conv import MatmulConv2d, MatmulConvTranspose2x2
 from .backbone import swin_block_forward
-from .matmul_conv import MatmulConv2d, MatmulConvTranspose2x2
 
-__all__ = ["SRDecoder", "SR_HEADS"]
+__all__ = ["SRDecoder", "SR_HEADS", "build_sr_decoder"]
 
 SR_HEADS = ("x2_bilinear", "full")
 # Skip taps of the backbone, deepest first; each is added after the matching expand stage.
@@ -91,10 +91,9 @@ class SRDecoder(nn.Module):
                  scale: int = 2):
         super().__init__()
         if head not in SR_HEADS:
-            raise ValueError(f"Invalid config: MODEL.SDCONET.SR.HEAD={head!r}: must be one of {SR_HEADS}")
+            raise ValueError(f"head must be one of {SR_HEADS}, got {head!r}")
         if len(depths) != len(SKIP_FEATURES):
-            raise ValueError(f"Invalid config: MODEL.SDCONET.SR.DEPTHS={tuple(depths)!r}: "
-                             f"needs {len(SKIP_FEATURES)} stages")
+            raise ValueError(f"depths needs {len(SKIP_FEATURES)} stages, got {tuple(depths)!r}")
         widths = [embed_dim * 8 // 2 ** i for i in range(len(SKIP_FEATURES))]  # 768, 384, 192, 96
         bottleneck_dim = 2 * widths[0]
         if bottleneck_dim % 32:
@@ -102,9 +101,8 @@ class SRDecoder(nn.Module):
                              f"of 32 for GroupNorm(32); use an even backbone embed_dim (got {embed_dim})")
         num_heads = tuple(num_heads) or tuple(max(1, w // 32) for w in widths)
         if len(num_heads) != len(widths) or any(w % h for w, h in zip(widths, num_heads)):
-            raise ValueError(f"Invalid config: MODEL.SDCONET.SR.NUM_HEADS={num_heads!r}: needs one value "
-                             f"per stage dividing the stage widths {tuple(widths)} (backbone embed_dim "
-                             f"{embed_dim}); leave it empty to derive head dim 32")
+            raise ValueError(f"num_heads={num_heads!r} needs one value per stage dividing the stage widths "
+                             f"{tuple(widths)} (embed_dim {embed_dim}); leave it empty to derive head dim 32")
         learned_factor = 2 if head == "x2_bilinear" else TOKEN_STRIDE * scale
         if learned_factor & (learned_factor - 1):
             raise ValueError(f"SR head 'full' needs a power-of-two 4 * scale, got scale {scale}")
@@ -157,27 +155,12 @@ class SRDecoder(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    @classmethod
-    def from_config(cls, cfg, embed_dim: Optional[int] = None) -> "SRDecoder":
-        """Build from ``cfg.MODEL.SDCONET.SR``. ``embed_dim`` = the backbone's patch_embed channels;
-        omitted, it is ``SWIN.EMBED_DIM`` for a custom Swin (timm names fix it, so pass it then)."""
-        s = cfg.MODEL.SDCONET
-        if embed_dim is None:
-            if s.SWIN.NAME != "custom":
-                raise ValueError("SRDecoder.from_config needs embed_dim for a timm Swin "
-                                 f"(MODEL.SDCONET.SWIN.NAME={s.SWIN.NAME!r}): pass "
-                                 "backbone.output_shape()['patch_embed'].channels")
-            embed_dim = s.SWIN.EMBED_DIM
-        return cls(embed_dim, depths=tuple(s.SR.DEPTHS), num_heads=tuple(s.SR.NUM_HEADS),
-                   window_size=s.SR.WINDOW_SIZE, mlp_ratio=s.SR.MLP_RATIO,
-                   drop_path_rate=s.SR.DROP_PATH_RATE, head=s.SR.HEAD, scale=s.DEGRADE.SCALE)
-
     def forward(self, features: Dict[str, torch.Tensor], hr_size: Tuple[int, int]) -> torch.Tensor:
         """SR image (B, 3, *hr_size) in normalised HR space from the backbone's output dict."""
         missing = [k for k in ("patch_embed", *SKIP_FEATURES) if k not in features]
         if missing:
-            raise KeyError(f"SRDecoder needs backbone features {missing}; add res3..res5 to "
-                           "MODEL.SDCONET.SWIN.OUT_FEATURES")
+            raise KeyError(f"SRDecoder needs backbone features {missing}: the backbone must output "
+                           f"{('patch_embed', *SKIP_FEATURES)}")
         x = _nhwc(self.bottleneck(features["res5"]))  # flatten(2).transpose(1, 2) as a grid
         for stage, skip_name in zip(self.stages, SKIP_FEATURES):
             x = stage(x, features[skip_name])
@@ -190,7 +173,7 @@ class SRDecoder(nn.Module):
                                align_corners=False)
         if sr.shape[-2] < hr_size[0] or sr.shape[-1] < hr_size[1]:
             raise ValueError(f"SR output {tuple(sr.shape[-2:])} smaller than the HR size {tuple(hr_size)}: "
-                             f"is MODEL.SDCONET.DEGRADE.SCALE={self.scale} the HR/LR ratio?")
+                             f"is the decoder's scale {self.scale} the HR/LR ratio?")
         return sr[..., : hr_size[0], : hr_size[1]]
 
     @staticmethod
@@ -202,3 +185,18 @@ class SRDecoder(nn.Module):
             return error.mean()
         mask = valid_mask.to(error.dtype).unsqueeze(1)
         return (error * mask).sum() / (mask.sum() * error.shape[1]).clamp(min=1.0)
+
+
+def build_sr_decoder(cfg, embed_dim: Optional[int] = None) -> SRDecoder:
+    """The SR decoder of ``cfg.MODEL.SDCONET.SR``. ``embed_dim`` = the backbone's patch_embed
+    channels; omitted, it is ``SWIN.EMBED_DIM`` for a custom Swin (timm names fix it, so pass it then)."""
+    s = cfg.MODEL.SDCONET
+    if embed_dim is None:
+        if s.SWIN.NAME != "custom":
+            raise ValueError("build_sr_decoder needs embed_dim for a timm Swin "
+                             f"(MODEL.SDCONET.SWIN.NAME={s.SWIN.NAME!r}): pass "
+                             "backbone.output_shape()['patch_embed'].channels")
+        embed_dim = s.SWIN.EMBED_DIM
+    return SRDecoder(embed_dim, depths=tuple(s.SR.DEPTHS), num_heads=tuple(s.SR.NUM_HEADS),
+                     window_size=s.SR.WINDOW_SIZE, mlp_ratio=s.SR.MLP_RATIO,
+                     drop_path_rate=s.SR.DROP_PATH_RATE, head=s.SR.HEAD, scale=s.DEGRADE.SCALE)

@@ -1,7 +1,7 @@
 """Cut source images into fixed-size tiles and write one "-Split" dataset split.
 
 The authors' NWPU VHR-10-Split, DOTAv1.5-Split and HRSSD-Split sets are tiles cut from
-the original images; border tiles are zero-padded to the full tile size (spec §6.1).
+the original images; border tiles are zero-padded to the full tile size.
 Parsers of the raw formats (``nwpu``, ``dota``, ``voc``) produce :class:`SourceImage`
 records; :func:`write_tiled_split` turns them into PNG tiles plus one COCO json.
 """

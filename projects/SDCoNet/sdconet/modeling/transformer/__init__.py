@@ -1,0 +1,1 @@
+"""The DINO transformer: deformable encoder (plain and saliency-selected), denoising queries, decoder and heads."""

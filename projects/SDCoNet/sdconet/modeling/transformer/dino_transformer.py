@@ -10,11 +10,11 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ...layers.ms_deform_attn import MSDeformAttn
+from ...layers.position_encoding import PositionEmbeddingSine, box_sine_embedding
+from ..saliency import SaliencyPredictor, flatten_levels
 from .denoising import ContrastiveDenoising, inverse_sigmoid
 from .encoder import DeformableEncoder, FeedForward
-from ..saliency import SaliencyPredictor, flatten_levels
-from .ms_deform_attn import MSDeformAttn
-from .position_encoding import PositionEmbeddingSine, box_sine_embedding
 from .salient_encoder import SalientDeformableEncoder
 
 
@@ -42,15 +42,17 @@ class MLP(nn.Module):
 
 class DINODecoderLayer(nn.Module):
     """Self-attention among queries (masked for DN), deformable cross-attention to the memory,
-    FFN; each followed by residual + LayerNorm."""
+    FFN; each followed by residual + LayerNorm. ``deform_impl`` / ``deform_compile``: ``impl`` /
+    ``compile`` of the cross-attention's :class:`MSDeformAttn`."""
 
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
-                 ffn_dim: int = 2048, dropout: float = 0.0):
+                 ffn_dim: int = 2048, dropout: float = 0.0, deform_impl: str = "auto", deform_compile: bool = False):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(embed_dim)
-        self.cross_attn = MSDeformAttn(embed_dim, num_heads, num_levels, num_points)
+        self.cross_attn = MSDeformAttn(embed_dim, num_heads, num_levels, num_points,
+                                       impl=deform_impl, compile=deform_compile)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(embed_dim)
         self.ffn = FeedForward(embed_dim, ffn_dim, dropout)
@@ -121,6 +123,7 @@ class DINOTransformer(nn.Module):
     the outputs then also hold the per-level saliency logits and the token selection.
     ``shared_scorer=False`` ranks pre-attention tokens with a separate, never-trained Linear as
     the release does (spec §9 item 3); by default the trained encoder class head ranks them.
+    ``deform_impl`` / ``deform_compile`` go to every :class:`MSDeformAttn` as ``impl`` / ``compile``.
     """
 
     def __init__(self, num_classes: int, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4,
@@ -128,7 +131,8 @@ class DINOTransformer(nn.Module):
                  dropout: float = 0.0, num_queries: int = 300, pos_temperature: float = 20,
                  dn_num_queries: int = 100, dn_label_noise: float = 0.5, dn_box_noise: float = 1.0,
                  saliency_alpha: Optional[str] = None, level_ratios=(0.4, 0.8, 1.0, 1.0),
-                 layer_ratios=(1.0, 0.8, 0.6, 0.6, 0.4, 0.2), topk_sa: int = 100, shared_scorer: bool = True):
+                 layer_ratios=(1.0, 0.8, 0.6, 0.6, 0.4, 0.2), topk_sa: int = 100, shared_scorer: bool = True,
+                 deform_impl: str = "auto", deform_compile: bool = False):
         super().__init__()
         if embed_dim % 2:
             raise ValueError(f"embed_dim must be even for the sine position encoding, got {embed_dim}")
@@ -137,7 +141,7 @@ class DINOTransformer(nn.Module):
         self.num_levels = num_levels
         self.num_queries = num_queries
         layer_kwargs = dict(num_heads=num_heads, num_levels=num_levels, num_points=num_points,
-                            ffn_dim=ffn_dim, dropout=dropout)
+                            ffn_dim=ffn_dim, dropout=dropout, deform_impl=deform_impl, deform_compile=deform_compile)
 
         self.position_encoding = PositionEmbeddingSine(embed_dim // 2, temperature=pos_temperature, normalize=True)
         self.level_embed = nn.Parameter(torch.empty(num_levels, embed_dim))

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ms_deform_attn import MSDeformAttn, SpatialShapes, as_int_shapes
+from ...layers.ms_deform_attn import MSDeformAttn, SpatialShapes, as_int_shapes
 
 
 class FeedForward(nn.Module):
@@ -29,12 +29,14 @@ class FeedForward(nn.Module):
 
 
 class DeformableEncoderLayer(nn.Module):
-    """Deformable self-attention (residual + LN) followed by the FFN (residual + LN)."""
+    """Deformable self-attention (residual + LN) followed by the FFN (residual + LN).
+    ``deform_impl`` / ``deform_compile``: ``impl`` / ``compile`` of its :class:`MSDeformAttn`."""
 
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
-                 ffn_dim: int = 2048, dropout: float = 0.0):
+                 ffn_dim: int = 2048, dropout: float = 0.0, deform_impl: str = "auto", deform_compile: bool = False):
         super().__init__()
-        self.self_attn = MSDeformAttn(embed_dim, num_heads, num_levels, num_points)
+        self.self_attn = MSDeformAttn(embed_dim, num_heads, num_levels, num_points,
+                                      impl=deform_impl, compile=deform_compile)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(embed_dim)
         self.ffn = FeedForward(embed_dim, ffn_dim, dropout)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .encoder import DeformableEncoderLayer, encoder_reference_points
-from .ms_deform_attn import SpatialShapes, as_int_shapes
+from ...layers.ms_deform_attn import SpatialShapes, as_int_shapes
 
 
 class TokenSelection(NamedTuple):

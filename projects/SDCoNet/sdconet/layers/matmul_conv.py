@@ -2,12 +2,12 @@
 
 The SR decoder's bottleneck (3x3, stride 2, 768 -> 1536 channels on an 8x8 map) and its first
 expand (2x2 transposed, stride 2, 1536 -> 768 on 4x4) hold 42 MB and 19 MB of weights but produce
-only 16 and 64 output positions per image. On CPU oneDNN runs them at 13-16 G multiply-adds/s and
-copies the transposed convolution's weight on every call. As ``unfold`` + a matrix product (the
-2x2 / stride-2 transposed convolution is a plain matrix product: its output patches do not
-overlap) they read the weight where it lies and run at the machine's matrix-product speed: 5-6%
-off a SDCoNet training step (BENCHMARKS.md). Same maths, parameters and state-dict keys as the
-``nn`` layers they subclass; only the summation order differs (rounding).
+only 16 and 64 output positions per image. On CPU oneDNN's convolutions run such shapes far below
+matrix-product speed and copy the transposed convolution's weight on every call. As ``unfold`` + a
+matrix product (the 2x2 / stride-2 transposed convolution is a plain matrix product: its output
+patches do not overlap) they read the weight where it lies and run at the machine's
+matrix-product speed (BENCHMARKS.md has the figures). Same maths, parameters and state-dict keys
+as the ``nn`` layers they subclass; only the summation order differs (rounding).
 """
 import torch
 import torch.nn as nn

@@ -7,10 +7,10 @@ anywhere. Three exact formulations of the sampling are available (``impl``):
   (ONNX, fvcore's FLOP counter) and the fastest on GPUs.
 * ``"embedding_bag"``: the bilinear corners of all samples as row indices into one table of
   zero-bordered levels, summed with ``F.embedding_bag``; its backward gathers each table row's
-  gradient from the samples sorted by their 2x2 patch. On CPU, at SDCoNet's shapes, 2.3-3.4x
-  faster forward and 1.4-2.2x faster forward + backward than the former per-level grid_sample
-  code (before the sorted gather, which took another 25%); on an H200, 2x (forward) to 4x
-  (forward + backward) slower than grid_sample (``tools/benchmark_deform_attn.py``).
+  gradient from the samples sorted by their 2x2 patch. One gather-and-sum kernel instead of a
+  ``grid_sample`` per level, and a backward without atomic scatters: the faster formulation on
+  CPU, slower than grid_sample on GPUs (``tools/benchmark_deform_attn.py`` measures them; the
+  figures are in BENCHMARKS.md).
 * ``"gather"``: the same corners, gathered and summed with ordinary autograd ops. Slow eagerly
   (it materialises every corner row) but a single fusable loop for ``torch.compile``.
 
@@ -245,7 +245,7 @@ def _table_gradient(grad_output, index, weights, blocks, num_rows):
     num_samples = index.shape[2]
     head_dim = grad_output.shape[1]
     top_left = index[:, 0].flatten()
-    # int32 keys: this sort is 4x faster than with int64 ones (1.6 against 6.6 ms at 282k samples).
+    # int32 keys: every row index fits, and half-width keys make a much cheaper sort than int64 ones.
     sorted_rows, order = torch.sort(top_left.to(torch.int32), stable=True)
     all_rows = torch.arange(num_rows, dtype=torch.int32, device=index.device)
     starts = torch.searchsorted(sorted_rows, all_rows)  # first sorted sample of every row

@@ -1,12 +1,11 @@
 """Linear layers whose fp32 CPU matrix products run in oneDNN rather than MKL.
 
-PyTorch's CPU ``F.linear`` calls MKL's sgemm for fp32. On the AMD EPYC (Zen 4) machine of our CI,
-the same products in oneDNN, which PyTorch also ships (``torch.ops.mkldnn``, the op inductor
-emits for CPU linears), are 1.1-1.6x faster at SDCoNet's shapes: 2048^3 at 105 against 80 G
-multiply-adds/s, the transformer's 984 x 256 x 2048 at 93 against 73 (BENCHMARKS.md, item 9).
-The weight gradient stays with MKL, which was the faster of the two for most of its shapes.
-Where MKL is the faster library (Intel CPUs, usually), ``MODEL.SDCONET.ONEDNN_LINEAR False``
-keeps the stock layers; ``tools/benchmark.py`` prints both libraries' peaks.
+PyTorch's CPU ``F.linear`` calls MKL's sgemm for fp32. oneDNN, which PyTorch also ships
+(``torch.ops.mkldnn``, the op inductor emits for CPU linears), runs the same products faster on
+some CPUs (AMD ones in our measurements, BENCHMARKS.md item 9). The weight gradient stays with
+MKL, which measured the faster of the two for most of its shapes. Where MKL is the faster
+library (Intel CPUs, usually), keep the stock layers (``MODEL.SDCONET.ONEDNN_LINEAR False``);
+``tools/benchmark.py`` prints both libraries' peaks.
 
 It is the same fp32 maths in another summation order (relative differences ~1e-6). Everything
 that is not a plain fp32 CPU call takes the stock ``F.linear``: GPUs, other dtypes, autocast, and
@@ -138,7 +137,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, packed: bool = Fals
     # The Function sees 2-D tensors and returns a fresh one; the reshape to (..., out) happens
     # outside it, as ``_unsafe_view`` (what ``torch.matmul`` uses for the same purpose): autograd
     # does not track the result as a view, so an in-place op on it (ReLU(inplace=True)) is legal
-    # and costs no slice-copy backward (a plain view made an FFN's forward + backward 25% slower).
+    # and costs no slice-copy backward (which a plain view would add to every FFN's backward).
     out = _OneDNNLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias)
     return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], weight.shape[0]))
 
@@ -147,8 +146,9 @@ class OneDNNLinear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) computed by :func:`linear`.
 
     In eval mode without gradients the weight is read from oneDNN's packed (blocked) copy, made
-    on first use: 5-16% faster products, bitwise the same results. ``train()`` drops the copy, so
-    a training run does not carry a second set of weights between evaluations.
+    on first use: the weight is not re-laid out on every call, and the results are bitwise the
+    same. ``train()`` drops the copy, so a training run does not carry a second set of weights
+    between evaluations.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Measuring helpers for the tools: parameter and FLOP counts, timings, and the run's description."""
