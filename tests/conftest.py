@@ -1,11 +1,13 @@
 """Fixtures shared by several test files."""
+import cv2
+import numpy as np
 import pytest
-import torch
-from torch.overrides import TorchFunctionMode
-
 import sdconet
+import torch
+from sdconet import register_sdconet_datasets
 from sdconet.data.datasets import datasets_root
 from sdconet.data.synthetic import generate_split
+from torch.overrides import TorchFunctionMode
 
 
 @pytest.fixture
@@ -38,3 +40,37 @@ class HostReads(TorchFunctionMode):
 def host_reads():
     """A fresh :class:`HostReads`: enter it around the code under test, then read ``count``."""
     return HostReads()
+
+
+@pytest.fixture
+def restore_default_registration():
+    """Register the datasets under the default root again after a test that moved them."""
+    yield
+    register_sdconet_datasets(datasets_root())
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    """A random 20x30 BGR image written as PNG, gray, RGBA, 16-bit TIFF, plus corrupt / empty / truncated files."""
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    paths = {}
+    paths["png8"] = str(tmp_path / "rgb.png")
+    cv2.imwrite(paths["png8"], bgr)
+    paths["gray"] = str(tmp_path / "gray.png")
+    cv2.imwrite(paths["gray"], bgr[:, :, 0])
+    paths["rgba"] = str(tmp_path / "rgba.png")
+    cv2.imwrite(paths["rgba"], np.dstack([bgr, np.full((20, 30), 7, np.uint8)]))
+    paths["tif16"] = str(tmp_path / "img16.tif")
+    cv2.imwrite(paths["tif16"], bgr.astype(np.uint16) * 16)  # 12-bit data in a 16-bit file
+    paths["corrupt"] = str(tmp_path / "corrupt.png")
+    with open(paths["corrupt"], "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\nthis is not really a png")
+    paths["empty"] = str(tmp_path / "empty.jpg")
+    open(paths["empty"], "wb").close()
+    paths["truncated"] = str(tmp_path / "truncated.png")
+    with open(paths["png8"], "rb") as f:
+        data = f.read()
+    with open(paths["truncated"], "wb") as f:
+        f.write(data[: len(data) // 3])
+    return bgr, paths

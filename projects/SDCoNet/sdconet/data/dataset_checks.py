@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 
-from .mapper import read_image_any, read_options
+from .image_io import read_image_any, read_options
 from .validation import FATAL, WARNING, Findings, read_coco_json, validate_coco
 
 

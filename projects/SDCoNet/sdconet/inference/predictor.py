@@ -38,7 +38,7 @@ class Predictor:
 
     Args:
         cfg_or_path: a config (``CfgNode``) or the path of a yaml config.
-        weights: checkpoint path (or URL) loaded with ``DetectionCheckpointer``; ``None`` or ""
+        weights: checkpoint path (or URL) loaded with ``AtomicDetectionCheckpointer`` (a damaged file is named); ``None`` or ""
             keeps the freshly initialised weights (tests, smoke runs).
         device: "cpu", "cuda", "cuda:1"...; ``None`` = ``MODEL.DEVICE`` (CPU if CUDA is missing).
         opts: extra config overrides, e.g. ``["MODEL.SDCONET.DEGRADE.TEST", "False"]``.

@@ -2,7 +2,7 @@
 
 The layer takes the tokens to update (``query``) and the tokens to sample from (``value``)
 separately. The plain encoder passes the same tensor for both; saliency-driven token selection
-(Salience-DETR, spec §3.4) will pass only the selected tokens as ``query`` (with their own
+(Salience-DETR; `salient_encoder.py`) passes only the selected tokens as ``query`` (with their own
 positions and reference points) and the original neck features as ``value``.
 """
 from typing import Optional

@@ -1,0 +1,178 @@
+"""The full SDCoNet (SR branch + saliency) and the serial baseline as detectron2 models."""
+
+import pytest
+import sdconet
+import torch
+from common import SDCONET_TINY
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from sdconet.layers.ms_deform_attn import MSDeformAttn
+from sdconet.layers.onednn_linear import OneDNNLinear, onednn_available
+from sdconet.modeling.meta_arch import SR_LOSS_KEYS
+
+
+def build(opts=()):
+    cfg = sdconet.get_sdconet_cfg(SDCONET_TINY, [*opts, "MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def sample(h=128, w=128, seed=0):
+    inst = Instances((h, w))
+    inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 30.0, 28.0], [60.0, 70.0, 100.0, 90.0]]))
+    inst.gt_classes = torch.tensor([0, 3])
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g), "instances": inst,
+            "height": h, "width": w}
+
+
+class CallCounter:
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_hook(self)
+
+    def __call__(self, *_):
+        self.calls += 1
+
+
+def test_training_losses_grouped_by_task():
+    model = build().train()
+    losses = model([sample(), sample(96, 128, seed=1)])
+    assert "loss_sr" in losses and "loss_saliency" in losses
+    assert SR_LOSS_KEYS == ("loss_sr",)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.sr_decoder.parameters())
+    assert model.transformer.saliency.alpha.grad is not None
+
+
+def test_sr_branch_runs_only_when_asked():
+    model = build()
+    counter = CallCounter(model.sr_decoder)
+    model.train()
+    with model.outputs(sr=False):  # gradient-routing phase 1
+        losses = model([sample()])
+    assert counter.calls == 0 and "loss_sr" not in losses
+    assert "loss_sr" in model([sample()]) and counter.calls == 1
+
+    model.eval()
+    with torch.no_grad():
+        out = model([sample(96, 128)])
+    assert counter.calls == 1 and "sr" not in out[0]  # inference never runs the SR branch
+    with torch.no_grad(), model.outputs(sr=True, saliency=True):
+        out = model([sample(96, 128)])[0]
+    assert counter.calls == 2
+    assert out["sr"].shape == (3, 96, 128) and out["lr"].shape == (3, 48, 64)
+    assert 0 <= out["sr"].min() and out["sr"].max() <= 255
+    # saliency maps per level, cropped to the image (LR 48x64 -> stride 8: 6x8, ...)
+    assert [tuple(s.shape) for s in out["saliency"]] == [(6, 8), (3, 4), (2, 2), (1, 1)]
+
+
+def test_outputs_choice_nests_and_is_restored_after_an_error():
+    """``model.outputs``: None keeps the enclosing choice; leaving a ``with`` (also by an error)
+    brings the previous one back; the model has no public output flags."""
+    model = build().eval()
+    assert not any(hasattr(model, name) for name in ("sr_active", "return_sr", "return_saliency"))
+
+    def extras():
+        with torch.no_grad():
+            return sorted(set(model([sample(64, 64)])[0]) - {"instances"})
+
+    with model.outputs(sr=True):
+        assert extras() == ["lr", "sr"]
+        with model.outputs(saliency=True):
+            assert extras() == ["lr", "saliency", "sr"]
+        with model.outputs(sr=False):
+            assert extras() == []
+        assert extras() == ["lr", "sr"]
+    with pytest.raises(RuntimeError, match="inside"):
+        with model.outputs(sr=True, saliency=True):
+            raise RuntimeError("inside")
+    assert extras() == []
+
+
+def test_deformable_attention_choices_reach_every_attention_module():
+    """TRANSFORMER.DEFORM_IMPL / DEFORM_COMPILE are constructor arguments of every MSDeformAttn."""
+    model = build(["MODEL.SDCONET.TRANSFORMER.DEFORM_IMPL", "gather", "MODEL.SDCONET.TRANSFORMER.DEFORM_COMPILE", True])
+    attention = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+    assert len(attention) == 2 * 2  # the tiny config: 2 encoder + 2 decoder layers
+    assert all(m.impl == "gather" and m.compile_sampling for m in attention)
+    assert all(m.impl == "auto" and not m.compile_sampling for m in build().modules() if isinstance(m, MSDeformAttn))
+
+
+def test_sr_loss_falls_when_overfitting_one_image():
+    model = build(["MODEL.SDCONET.SR.HEAD", "full"]).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # A smooth image (SR can recover it from the x2 input; pure noise it cannot).
+    coarse = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 255
+    smooth = torch.nn.functional.interpolate(coarse, size=(128, 128), mode="bicubic", align_corners=False)
+    batch = [dict(sample(), image=smooth[0].clamp(0, 255).to(torch.uint8))]
+    history = []
+    for _ in range(25):
+        losses = model(batch)
+        history.append(losses["loss_sr"].item())
+        optimizer.zero_grad()
+        losses["loss_sr"].backward()
+        optimizer.step()
+    assert min(history[-5:]) < 0.7 * history[0], history
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_serial_detector_detach_switch(detach):
+    model = build(["MODEL.META_ARCHITECTURE", "SerialSRDetector", "MODEL.SDCONET.SERIAL.DETACH", str(detach)])
+    assert type(model).__name__ == "SerialSRDetector"
+    model.train()
+    losses = model([sample()])
+    detection = sum(v for k, v in losses.items() if k not in SR_LOSS_KEYS)
+    detection.backward()
+    sr_grads = [p.grad for p in model.sr_backbone.parameters() if p.grad is not None]
+    reached = any(g.abs().sum() > 0 for g in sr_grads)
+    assert reached is (not detach)
+    # the detector's own Swin always learns from detection
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+    model.eval()
+    counter = CallCounter(model.sr_decoder)
+    with torch.no_grad():
+        out = model([sample()])
+    assert counter.calls == 1 and len(out[0]["instances"]) > 0  # the serial pipeline needs SR at inference
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+def test_onednn_linear_switch_changes_the_layers_not_the_losses():
+    stock = build(["MODEL.SDCONET.ONEDNN_LINEAR", False])
+    fast = build()  # the default: on
+    assert not any(isinstance(m, OneDNNLinear) for m in stock.modules())
+    assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+    assert sum(isinstance(m, OneDNNLinear) for m in fast.modules()) > 50
+    fast.load_state_dict(stock.state_dict())
+    losses = []
+    for model in (stock, fast):
+        model.train()
+        torch.manual_seed(1)  # the same denoising noise for both
+        losses.append(model([sample(), sample(seed=1)]))
+    assert losses[0].keys() == losses[1].keys()
+    for key in losses[0]:
+        torch.testing.assert_close(losses[1][key], losses[0][key], rtol=1e-4, atol=1e-5)
+
+
+def test_test_amp_autocasts_eval_only_and_returns_fp32():
+    """TEST.SDCONET.AMP: the eval forward runs in bf16 (the same network: features near the fp32
+    ones), detections come out in fp32; a training forward stays fp32 (the trainer's SOLVER.AMP
+    owns autocast there). Accuracy on a trained model: BENCHMARKS.md."""
+    fp32, amp = build(), build(["TEST.SDCONET.AMP.ENABLED", True])
+    amp.load_state_dict(fp32.state_dict())
+    res5 = []
+    for model in (fp32, amp):
+        model.backbone.register_forward_hook(lambda m, i, o: res5.append(o["res5"]))
+    with torch.no_grad():
+        found = [model.eval()([sample()])[0]["instances"] for model in (fp32, amp)]
+    assert [f.dtype for f in res5] == [torch.float32, torch.bfloat16]
+    error = (res5[1].float() - res5[0]).norm() / res5[0].norm()
+    assert error < 0.05, error
+    assert found[1].scores.dtype == torch.float32 and found[1].pred_boxes.tensor.dtype == torch.float32
+    assert len(found[1]) == len(found[0]) and found[1].scores.max() <= 1.0
+    torch.manual_seed(1)
+    losses = amp.train()([sample(), sample(seed=1)])
+    assert res5[-1].dtype == torch.float32
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
