@@ -10,9 +10,10 @@ Subcommands:
                normalised per map, on the part of the map that covers the image.
   saliency     per-level saliency probabilities (neck levels fine -> coarse) over the image; needs
                MODEL.SDCONET.SALIENCY.ENABLED. Not renormalised: colour = probability (0 blue .. 1 red).
-  sr           bicubic upsampling of the LR input vs the SR output vs HR, full images (top) and a zoomed
-               crop around the largest GT object (bottom); PSNR (Y channel, images rounded to 8 bits, as
-               SRQualityEvaluator) in the titles. Needs MODEL.SDCONET.SR.ENABLED.
+  sr           the LR input (enlarged, nearest), its bicubic upsampling, the SR output, the residual SR - bicubic
+               (x --residual-gain around grey) and HR: full images (top) and a zoomed crop around the largest
+               GT object (bottom); PSNR (Y channel, images rounded to 8 bits, as SRQualityEvaluator) of bicubic
+               and SR, full image and crop, in the titles. Needs MODEL.SDCONET.SR.ENABLED.
 
 Every panel has a TITLE_HEIGHT-pixel title bar; panels have the HR image size (sr crops: W x W).
 
@@ -262,22 +263,35 @@ def bicubic_upsample(lr_bgr: np.ndarray, size) -> np.ndarray:
     return up.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
-def draw_sr(image_bgr, sr_bgr, bicubic_bgr, window):
-    """2x3 grid: [bicubic | SR | HR] full (top) and their zoom windows (bottom, W x W, nearest);
-    returns (picture, {"sr": dB, "bicubic": dB}) with the full-image PSNRs."""
+def amplified_residual(sr_bgr: np.ndarray, bicubic_bgr: np.ndarray, gain: float) -> np.ndarray:
+    """What the SR branch adds to bicubic, ``128 + gain * (SR - bicubic)`` per channel: grey = nothing
+    added, bright / dark = detail added / removed."""
+    residual = sr_bgr.astype(np.float32) - bicubic_bgr.astype(np.float32)
+    return np.clip(128.0 + gain * residual, 0, 255).round().astype(np.uint8)
+
+
+def draw_sr(image_bgr, lr_bgr, sr_bgr, bicubic_bgr, window, scale: int, gain: float = 8.0):
+    """2x5 grid: [LR | bicubic | SR | residual | HR] full (top) and their zoom windows (bottom,
+    W x W, nearest); LR is enlarged ``scale`` times with nearest so its pixels show, the residual
+    is :func:`amplified_residual`. Titles give the PSNR of bicubic and SR, full image and crop.
+    Returns (picture, {"sr": dB, "bicubic": dB}) with the full-image PSNRs."""
     h, w = image_bgr.shape[:2]
     left, top, side = window
+    hr_crop = image_bgr[top: top + side, left: left + side]
     psnr = {"bicubic": psnr_y(bicubic_bgr, image_bgr), "sr": psnr_y(sr_bgr, image_bgr)}
+    panels = (("LR", enlarge_nearest(lr_bgr, scale, (h, w))), ("bicubic", bicubic_bgr), ("SR", sr_bgr),
+              (f"residual x{gain:g}", amplified_residual(sr_bgr, bicubic_bgr, gain)), ("HR", image_bgr))
     full, crops = [], []
-    for name, image in (("bicubic", bicubic_bgr), ("SR", sr_bgr), ("HR", image_bgr)):
+    for name, image in panels:
         crop = image[top: top + side, left: left + side]
-        key = name.lower()
-        db = f" PSNR {psnr[key]:.2f} dB" if key in psnr else ""
-        crop_db = f" PSNR {psnr_y(crop, image_bgr[top: top + side, left: left + side]):.2f} dB" if db else ""
+        db = crop_db = ""
+        if name.lower() in psnr:
+            db = f" PSNR {psnr[name.lower()]:.2f} dB"
+            crop_db = f" {psnr_y(crop, hr_crop):.2f} dB"
         framed = cv2.rectangle(image.copy(), (left, top), (left + side - 1, top + side - 1), CROP_BOX_COLOR, 1)
         full.append(titled(framed, f"{name}{db}"))
         crops.append(titled(cv2.resize(crop, (w, w), interpolation=cv2.INTER_NEAREST),
-                            f"{name} {side}x{side} crop{crop_db}"))
+                            f"{name} {side}px crop{crop_db}"))
     return np.vstack([np.hstack(full), np.hstack(crops)]), psnr
 
 
@@ -330,7 +344,7 @@ def cmd_sr(args, cfg, model, records, names):
         sr = pixels_to_bgr(run.outputs["sr"], cfg.INPUT.FORMAT)
         bicubic = bicubic_upsample(run.lr, image.shape[:2])
         window = zoom_window(gt_boxes(record), image.shape[:2], args.crop_size)
-        picture, psnr = draw_sr(image, sr, bicubic, window)
+        picture, psnr = draw_sr(image, run.lr, sr, bicubic, window, run.scale, args.residual_gain)
         written.append(_write(args.out, record, "sr", picture))
         print(f"{image_stem(record)}: PSNR SR {psnr['sr']:.2f} dB, bicubic {psnr['bicubic']:.2f} dB")
     return written
@@ -373,8 +387,9 @@ def parse_args(argv=None):
     p.add_argument("--reduce", choices=("mean_abs", "l2"), default="mean_abs",
                    help="channel reduction: mean of |activation| or L2 norm")
     sub.add_parser("saliency", parents=[common], help="per-level saliency maps (saliency-enabled configs)")
-    p = sub.add_parser("sr", parents=[common], help="SR vs bicubic vs HR with PSNR (SR-enabled configs)")
+    p = sub.add_parser("sr", parents=[common], help="LR, bicubic, SR, residual and HR with PSNR (SR-enabled configs)")
     p.add_argument("--crop-size", type=int, default=64, help="side of the zoom window, HR pixels")
+    p.add_argument("--residual-gain", type=float, default=8.0, help="amplification of the SR - bicubic panel")
     return parser.parse_args(argv)
 
 

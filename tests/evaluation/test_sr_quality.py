@@ -100,6 +100,8 @@ def test_evaluator_averages_two_pairs():
     assert res["SSIM_SR"] == pytest.approx((ssim_sr_a + 1.0) / 2, abs=1e-4)
     assert res["PSNR_bicubic"] == pytest.approx(peak_signal_noise_ratio(y_hr_b, y_bicubic_b, data_range=255), abs=1e-4)
     assert res["SSIM_bicubic"] == pytest.approx((1.0 + skimage_ssim(y_bicubic_b, y_hr_b)) / 2, abs=1e-4)
+    assert res["PSNR_gain"] == pytest.approx(res["PSNR_SR"] - res["PSNR_bicubic"])
+    assert res["SSIM_gain"] == pytest.approx(res["SSIM_SR"] - res["SSIM_bicubic"])
 
 
 def test_evaluator_requires_sr_output():

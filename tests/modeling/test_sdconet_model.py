@@ -125,8 +125,10 @@ def test_serial_detector_detach_switch(detach):
     losses = model([sample()])
     detection = sum(v for k, v in losses.items() if k not in SR_LOSS_KEYS)
     detection.backward()
-    sr_grads = [p.grad for p in model.sr_backbone.parameters() if p.grad is not None]
-    reached = any(g.abs().sum() > 0 for g in sr_grads)
+    # the SR network = its Swin + the SR decoder (the residual head's last layer starts at zero,
+    # so at first only that layer gets a detection gradient)
+    sr_network = [*model.sr_backbone.parameters(), *model.sr_decoder.parameters()]
+    reached = any(p.grad is not None and p.grad.abs().sum() > 0 for p in sr_network)
     assert reached is (not detach)
     # the detector's own Swin always learns from detection
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
@@ -176,3 +178,20 @@ def test_test_amp_autocasts_eval_only_and_returns_fp32():
     losses = amp.train()([sample(), sample(seed=1)])
     assert res5[-1].dtype == torch.float32
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+
+
+def test_untrained_residual_sr_is_bicubic_of_the_model_lr_input():
+    """The residual head's last layer starts at zero: the SR image is the bicubic upsampling of
+    the LR batch the backbone saw, both in normalised space and after de-normalisation."""
+    model = build(["MODEL.SDCONET.SR.HEAD", "residual"]).eval()
+    seen = {}
+    model.sr_decoder.register_forward_hook(lambda m, args, out: seen.update(lr=args[1], sr=out))
+    with torch.no_grad(), model.outputs(sr=True):
+        out = model([sample(128, 128)])[0]
+    lr = seen["lr"]
+    assert lr.shape == (1, 3, 64, 64)  # the degraded input, not the HR image
+    bicubic = torch.nn.functional.interpolate(lr, size=(128, 128), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(seen["sr"], bicubic, rtol=0, atol=1e-5)
+    in_pixels = (bicubic[0] * model.pixel_std + model.pixel_mean).clamp(0, 255)
+    torch.testing.assert_close(out["sr"], in_pixels, rtol=0, atol=1e-5)
+    assert out["sr"].shape == (3, 128, 128) and out["sr"].std() > 10  # a real image, not a constant

@@ -102,18 +102,34 @@ def test_saliency_panels_per_level(synthetic_root, tmp_path):
 
 def test_sr_panels_and_psnr(synthetic_root, tmp_path, capsys):
     crop = 48
-    pictures = run("sr", SDCONET, tmp_path, "--crop-size", str(crop))
+    pictures = run("sr", SDCONET, tmp_path, "--crop-size", str(crop), "--residual-gain", "8")
     printed = capsys.readouterr().out
     assert printed.count("PSNR SR") == 2
     records = DatasetCatalog.get("synthetic_rs_test")[:2]
     for picture, source, record in zip(pictures, source_images(), records):
-        assert picture.shape == (2 * T + 2 * SIZE, 3 * SIZE, 3)  # [bicubic | SR | HR] over their W x W crops
+        # [LR | bicubic | SR | residual | HR] over their W x W crops
+        assert picture.shape == (2 * T + 2 * SIZE, 5 * SIZE, 3)
         left, top, side = vis.zoom_window(vis.gt_boxes(record), source.shape[:2], crop)
         hr_crop = cv2.resize(source[top: top + side, left: left + side], (SIZE, SIZE), interpolation=cv2.INTER_NEAREST)
-        assert np.array_equal(picture[2 * T + SIZE:, 2 * SIZE:], hr_crop)
-        bicubic = picture[T: T + SIZE, :SIZE]
+        assert np.array_equal(picture[2 * T + SIZE:, 4 * SIZE:], hr_crop)
         inside = (slice(top + 2, top + side - 2), slice(left + 2, left + side - 2))  # away from the crop frame
+        lr, bicubic, sr = (picture[T: T + SIZE, k * SIZE: (k + 1) * SIZE] for k in range(3))
         assert psnr_y(bicubic[inside], source[inside]) > 25  # bicubic of the x2 LR input resembles HR
+        r, c = (top + 3) // 2 * 2, (left + 3) // 2 * 2  # an LR pixel inside the crop frame
+        blocks = lr[r: r + 4, c: c + 4].reshape(2, 2, 2, 2, 3)
+        assert (blocks == blocks[:, :1, :, :1]).all()  # x2 nearest: every LR pixel is a 2x2 block
+        residual = picture[T: T + SIZE, 3 * SIZE: 4 * SIZE][inside].astype(int)
+        expected = np.clip(128 + 8 * (sr[inside].astype(int) - bicubic[inside].astype(int)), 0, 255)
+        assert np.array_equal(residual, expected)
+
+
+def test_amplified_residual_is_grey_where_sr_adds_nothing():
+    bicubic = np.full((4, 4, 3), 100, np.uint8)
+    sr = bicubic.copy()
+    sr[0, 0] = (103, 90, 200)
+    out = vis.amplified_residual(sr, bicubic, 10.0)
+    assert out[1:, 1:].tolist() == np.full((3, 3, 3), 128).tolist()
+    assert out[0, 0].tolist() == [158, 28, 255]  # 128 + 10 * (3, -10, 100), clipped
 
 
 def test_zoom_window_centres_on_largest_box_inside_the_image():

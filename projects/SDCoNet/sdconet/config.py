@@ -169,9 +169,15 @@ def add_sdconet_config(cfg):
     _C.MODEL.SDCONET.SR = CN()
     # Train the SR branch (training only; inference never runs it).
     _C.MODEL.SDCONET.SR.ENABLED = False
-    # "x2_bilinear" (release: learned to LR/2, then bilinear to HR) or "full" (learned
-    # PixelShuffle upsampling all the way to HR, no bilinear; an ablation).
-    _C.MODEL.SDCONET.SR.HEAD = "x2_bilinear"
+    # "residual" (ours: bicubic upsampling of the LR input + a learned residual at full HR
+    # resolution, zero at initialisation, so the branch starts at bicubic), "x2_bilinear"
+    # (release: learned to LR/2, then bilinear to HR; capped below bicubic, tools/sr_head_ceiling.py) or
+    # "full" (learned PixelShuffle upsampling all the way to HR, no bilinear; an ablation).
+    _C.MODEL.SDCONET.SR.HEAD = "residual"
+    # Channels of the residual head's convolutions at LR resolution (measured in MODEL_CARD.md).
+    _C.MODEL.SDCONET.SR.RESIDUAL_FEATURES = 32
+    # 3x3 convolutions between the merged token + pixel features and the PixelShuffle output.
+    _C.MODEL.SDCONET.SR.RESIDUAL_CONVS = 1
     # Swin blocks per decoder stage, deepest first (SDCoNet: 2, 6, 2, 2).
     _C.MODEL.SDCONET.SR.DEPTHS = (2, 6, 2, 2)
     # Attention heads per decoder stage; each must divide its width (8, 4, 2, 1 x the backbone

@@ -104,8 +104,8 @@ class SRQualityEvaluator(DatasetEvaluator):
     0-255) and ``output["lr"]`` ((3, h, w) float BGR, 0-255). Bicubic is the baseline the SR branch
     has to beat. Both SR and bicubic images are clamped to [0, 255] and, with ``quantize``, rounded
     like a saved 8-bit image. Returns ``{"sr_quality": {"PSNR_SR", "SSIM_SR", "PSNR_bicubic",
-    "SSIM_bicubic"}}`` averaged over images; PSNR is averaged over finite values only (an exact
-    reconstruction has infinite PSNR).
+    "SSIM_bicubic", "PSNR_gain", "SSIM_gain"}}`` averaged over images (gain = SR minus bicubic);
+    PSNR is averaged over finite values only (an exact reconstruction has infinite PSNR).
     """
 
     def __init__(self, distributed: bool = True, crop_border: int = 0, quantize: bool = True):
@@ -157,6 +157,9 @@ class SRQualityEvaluator(DatasetEvaluator):
         for key in ("PSNR_SR", "SSIM_SR", "PSNR_bicubic", "SSIM_bicubic"):
             values = [m[key] for m in per_image]
             results[key] = _mean_finite(values) if key.startswith("PSNR") else float(np.mean(values))
+        # What the SR branch adds over doing nothing (positive = better than bicubic).
+        results["PSNR_gain"] = results["PSNR_SR"] - results["PSNR_bicubic"]
+        results["SSIM_gain"] = results["SSIM_SR"] - results["SSIM_bicubic"]
         logger.info(f"SR quality on {len(per_image)} images (Y channel, crop_border={self._crop_border}): "
                     + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
         return {"sr_quality": results}

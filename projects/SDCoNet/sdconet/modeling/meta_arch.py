@@ -245,7 +245,7 @@ class SDCoNet(nn.Module):
             images = self.preprocess_image(batched_inputs)
             lr, lr_sizes = self.degrade(images)
             feats, levels, masks = self.extract_features(lr, lr_sizes)
-            sr = self.sr_decoder(feats, images.tensor.shape[-2:]) if self.runs_sr else None
+            sr = self.sr_decoder(feats, lr, images.tensor.shape[-2:]) if self.runs_sr else None
 
             if self.training:
                 return self.training_losses(levels, masks, batched_inputs, images, sr)

@@ -48,7 +48,7 @@ class SerialSRDetector(SDCoNet):
         with self.eval_autocast():
             images = self.preprocess_image(batched_inputs)
             lr, lr_sizes = self.degrade(images)
-            sr = self.sr_decoder(self.sr_backbone(lr), images.tensor.shape[-2:])
+            sr = self.sr_decoder(self.sr_backbone(lr), lr, images.tensor.shape[-2:])
             detector_input = sr.detach() if self.detach else sr
             _, levels, masks = self.extract_features(detector_input, images.image_sizes)
 
