@@ -31,7 +31,7 @@ from detectron2.modeling import build_model
 from sdconet.config import get_sdconet_cfg
 from sdconet.engine.trainer import build_sdconet_optimizer
 from sdconet.utils.cli import add_config_args, measuring_parser, parse, report
-from sdconet.utils.models import run_description, selection_variants
+from sdconet.utils.models import random_weights_opts, run_description, selection_variants
 from sdconet.utils.report import comparison_lines, header_lines, machine_info
 from sdconet.utils.timing import (gemm_peaks, measure_latency, measure_training_step, random_inputs,
                                   synthetic_training_batch)
@@ -42,7 +42,8 @@ def benchmark(config_file: str, opts=(), height: int = 512, width: int = 512, de
               gemm_size: int = 2048) -> Dict:
     """All figures for one config, as a JSON-ready dict (``command`` and ``machine`` filled by
     main). ``train_iters`` 0 skips the training step, ``gemm_size`` 0 the matrix-product peak."""
-    cfg = get_sdconet_cfg(config_file, [*(opts or []), "MODEL.DEVICE", device])
+    # Random Swin weights unless opts name a file: timings do not depend on the weights.
+    cfg = get_sdconet_cfg(config_file, [*random_weights_opts(opts), "MODEL.DEVICE", device])
     model = build_model(cfg).eval()
     inputs = random_inputs(height, width, device, seed)
     result = dict(run_description(model, config_file, opts, device, height, width),

@@ -40,6 +40,7 @@ if all(os.path.realpath(p) != os.path.realpath(_PACKAGE) for p in sdconet.__path
 from sdconet.engine.trainer import build_sdconet_optimizer  # noqa: E402  (the measured package's own)
 from sdconet.utils.analysis import count_gflops, count_parameters, training_gmacs  # noqa: E402
 from sdconet.utils.cli import measuring_parser, parse, write_json  # noqa: E402
+from sdconet.utils.models import random_weights_opts  # noqa: E402
 from sdconet.utils.report import machine_info  # noqa: E402
 from sdconet.utils.timing import (gemm_peaks, measure_latency, measure_training_step, random_inputs,  # noqa: E402
                                   synthetic_training_batch)
@@ -62,6 +63,10 @@ NOTES_MARKER = "<!-- Written by hand below this line; tools/benchmark_page.py ke
 
 def page_cfg(config_file: str, opts: Sequence[str] = (), device: str = "cpu"):
     """The frozen config of a page row, for this package or a baseline commit's older one."""
+    from sdconet.modeling import backbone  # the measured package's
+    if hasattr(backbone, "NO_PRETRAINED"):  # older packages read "none" as a file name
+        # Random Swin weights unless opts name a file: timings do not depend on the weights.
+        opts = random_weights_opts(opts)
     opts = [*opts, "MODEL.DEVICE", device]
     if hasattr(sdconet.config, "get_sdconet_cfg"):
         return sdconet.config.get_sdconet_cfg(config_file, opts)

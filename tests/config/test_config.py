@@ -153,7 +153,9 @@ ALL_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs/**/*.yaml"), recursiv
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: os.path.relpath(p, REPO))
 def test_every_config_parses_and_builds(path):
-    cfg = load_cfg(path)
+    # The Swin-T configs read ImageNet weights from $SDCONET_WEIGHTS: random ones here, on purpose. The
+    # tiny "custom" Swins build as they are (tests/modeling/test_pretrained_weights.py covers the rest).
+    cfg = load_cfg(path, [] if "quick_schedules" in path else ["MODEL.SDCONET.SWIN.PRETRAINED", "none"])
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) > 0
     if "quick_schedules" in path:

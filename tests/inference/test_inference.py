@@ -251,3 +251,19 @@ def test_onnx_export_matches_pytorch(predictor, tmp_path):
     torch.testing.assert_close(decoded["boxes"], direct.pred_boxes.tensor, atol=1e-4, rtol=0)
     torch.testing.assert_close(decoded["scores"], direct.scores)
     assert torch.equal(decoded["classes"], direct.pred_classes)
+
+
+def test_predictor_on_a_paper_config_needs_only_the_trained_checkpoint(tmp_path, monkeypatch):
+    """A trained checkpoint replaces the backbone anyway: no ImageNet Swin file is asked for."""
+    from detectron2.modeling import build_model
+    monkeypatch.delenv("SDCONET_WEIGHTS", raising=False)
+    config = str(REPO / "configs" / "Baselines" / "dino_swin-t_lr_nwpu.yaml")
+    cpu = ["MODEL.DEVICE", "cpu"]
+    with pytest.raises(FileNotFoundError, match="no ImageNet weights"):
+        sdconet.Predictor(config, None, device="cpu", opts=cpu)
+    trained = build_model(sdconet.get_sdconet_cfg(config, [*cpu, "MODEL.SDCONET.SWIN.PRETRAINED", "none"]))
+    torch.save({"model": trained.state_dict()}, tmp_path / "w.pth")
+    predictor = sdconet.Predictor(config, str(tmp_path / "w.pth"), device="cpu", opts=cpu)
+    loaded = dict(predictor.model.named_parameters())
+    key = next(k for k in loaded if k.startswith("backbone.") and k.endswith("qkv.weight"))
+    assert torch.equal(loaded[key], trained.state_dict()[key])  # the checkpoint's random Swin, not a new one

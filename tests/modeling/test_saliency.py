@@ -1,4 +1,5 @@
-"""Saliency predictor, box-derived soft targets and focal loss (spec §3.3) against hand computations."""
+"""Saliency predictor, box-derived soft targets and focal loss against hand computations
+(docs/method.md, "Saliency and token selection")."""
 import math
 
 import pytest

@@ -1,4 +1,5 @@
-"""Saliency-driven token selection (spec §3.4): counts, what is computed, the pre-attention scorer."""
+"""Saliency-driven token selection: counts, what is computed, the pre-attention scorer
+(docs/method.md, "Saliency and token selection")."""
 import math
 
 import pytest

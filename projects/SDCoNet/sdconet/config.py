@@ -94,7 +94,11 @@ def add_sdconet_config(cfg):
     _C.MODEL.SDCONET.SWIN.DROP_PATH_RATE = 0.2
     # Stages whose weights are frozen: 0 = none, 1 = patch embed, k = patch embed + stages 1..k-1.
     _C.MODEL.SDCONET.SWIN.FREEZE_AT = 0
-    # Local path of ImageNet weights (official Swin .pth or timm keys); "" = random init.
+    # Local path of ImageNet weights (official Swin .pth or timm keys), $VAR / ${VAR} / ~ expanded;
+    # Base-SDCoNet.yaml sets ${SDCONET_WEIGHTS}/swin_tiny_patch4_window7_224.pth. "none" = random init
+    # on purpose (warning). "" = not given: random init for a "custom" Swin (tiny configs), but an
+    # error for a named timm Swin, as is a missing file, unless MODEL.WEIGHTS provides the backbone.
+    # The default stays "" because the file depends on NAME: forgotten weights fail, never pass silently.
     _C.MODEL.SDCONET.SWIN.PRETRAINED = ""
     # Backbone outputs fed to the neck (res2 = stride 4 ... res5 = stride 32 of the LR input).
     _C.MODEL.SDCONET.SWIN.OUT_FEATURES = ("res3", "res4", "res5")
@@ -264,6 +268,11 @@ def add_sdconet_config(cfg):
     # installed, else pycocotools), "faster" or "pycocotools". Its detection cap is
     # TEST.DETECTIONS_PER_IMAGE.
     _C.TEST.SDCONET.COCO_BACKEND = "auto"
+    # Which detections each COCO number counts: "coco" reads every AP at the detection cap
+    # (TEST.DETECTIONS_PER_IMAGE); "mmdet" reports as MMDetection's CocoMetric (maxDets 100, 300,
+    # 1000: AP at 100, AP50/AP75/APs/APm/APl and the tiny bands at 1000), the protocol of the
+    # SDCoNet paper's numbers. The paper configs use "mmdet".
+    _C.TEST.SDCONET.PROTOCOL = "coco"
     # Also measure PSNR/SSIM (Y channel) of the SR branch's output against the HR image, next to
     # bicubic upsampling of the LR input (runs the SR decoder at test time; needs SR.ENABLED and
     # degraded test images, DEGRADE.TEST True).

@@ -50,6 +50,7 @@ RULES = {
     "MODEL.SDCONET.SALIENCY.ALPHA": one_of("learnable", "fixed"),
     "MODEL.SDCONET.SALIENCY.TOPK_PRE_ATTENTION": at_least(1),
     "TEST.SDCONET.COCO_BACKEND": one_of("auto", "faster", "pycocotools"),
+    "TEST.SDCONET.PROTOCOL": one_of("coco", "mmdet"),
     "TEST.SDCONET.AMP.DTYPE": DTYPES,
     "SOLVER.GRADIENT_ROUTING.MODE": one_of("sum", "project", "stop"),
     "SOLVER.GRADIENT_ROUTING.PROJECTION": one_of("per_tensor", "global"),

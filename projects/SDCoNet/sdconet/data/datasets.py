@@ -123,6 +123,27 @@ def load_sdconet_json(json_file: str, image_root: str, dataset_name: str, prepar
     return dicts
 
 
+def register_sdconet_dataset(name: str, json_file: str, image_root: str, classes=None) -> None:
+    """Register a COCO json dataset of your own under ``name``, loaded and checked as the built-in
+    ones (:func:`load_sdconet_json`); registering a name again replaces it.
+
+    ``classes``: the class names in increasing category-id order, which is how the ids are mapped
+    onto 0..N-1; by default the json's own category names. MODEL.SDCONET.NUM_CLASSES must equal
+    their count (training and ``--dry-run`` stop naming both numbers otherwise).
+    """
+    if classes is None:
+        if not os.path.isfile(json_file):
+            raise FileNotFoundError(f"Dataset '{name}': {json_file} does not exist")
+        classes = [c["name"] for c in sorted(read_coco_json(json_file).get("categories", []), key=lambda c: c["id"])]
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    hint = f"point register_sdconet_dataset('{name}', ...) at an existing COCO json"
+    DatasetCatalog.register(name, lambda: load_sdconet_json(json_file, image_root, name, hint))
+    MetadataCatalog.get(name).set(thing_classes=list(classes), json_file=json_file, image_root=image_root,
+                                  evaluator_type="coco")
+
+
 def register_sdconet_datasets(root: str | None = None):
     """Register every SDCoNet dataset under ``root`` (default :func:`datasets_root`).
 

@@ -1,1 +1,2 @@
-"""Training: the step (train_loop), gradient routing maths, the config-built Trainer, EMA, checkpoints and process launch."""
+"""Training: the step (train_loop), gradient routing maths, the config-built Trainer, EMA, checkpoints,
+process launch and the one-step dry run (dry_run)."""

@@ -265,7 +265,8 @@ class Trainer(GradientRoutingTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluators = [SmallObjectCOCOEvaluator(dataset_name, output_dir=output_folder,
                                                max_dets=cfg.TEST.DETECTIONS_PER_IMAGE,
-                                               backend=cfg.TEST.SDCONET.COCO_BACKEND)]
+                                               backend=cfg.TEST.SDCONET.COCO_BACKEND,
+                                               protocol=cfg.TEST.SDCONET.PROTOCOL)]
         if cfg.TEST.SDCONET.SR_QUALITY:
             evaluators.append(SRQualityEvaluator())
         return DatasetEvaluators(evaluators)

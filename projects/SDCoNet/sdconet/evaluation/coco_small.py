@@ -10,6 +10,13 @@ AI-TOD splits it by the side of the ground-truth box, sqrt(area):
 Areas come from the ground-truth json's ``area`` field (the box area for box-only datasets).
 As in COCOeval, both ends of a range are inclusive, so a box of exactly 8x8 counts in both
 of the first two bands.
+
+Two protocols choose which detections each number counts (TEST.SDCONET.PROTOCOL):
+
+* ``"coco"``: maxDets 1, 10 and the detection cap (TEST.DETECTIONS_PER_IMAGE); every AP and
+  band is read at the cap.
+* ``"mmdet"``: the numbers MMDetection's ``CocoMetric`` reports, i.e. the protocol of papers
+  trained with it. See :data:`MMDET_MAX_DETS`.
 """
 import contextlib
 import io
@@ -36,6 +43,14 @@ AREA_RANGES = (
     ("small_tod", 16**2, 32**2, "_s_tod"),
 )
 BACKENDS = ("auto", "faster", "pycocotools")
+PROTOCOLS = ("coco", "mmdet")
+# MMDetection's CocoMetric (mmdet/evaluation/metrics/coco_metric.py) sets COCOeval's maxDets to its
+# proposal_nums, (100, 300, 1000) by default, and reports COCOeval.summarize()'s stats: stats[0], its
+# mAP, is summarized with pycocotools' default maxDets=100, while stats[1:6] (mAP_50, mAP_75, mAP_s,
+# mAP_m, mAP_l) are read at maxDets[2] = 1000, i.e. with every detection the model keeps (300 for
+# DINO). Its per-class table also reads the last maxDets. So only mAP ignores detections ranked
+# below 100 in an image; the "mmdet" protocol reads AP at 100 and everything else at 1000.
+MMDET_MAX_DETS = (100, 300, 1000)
 
 
 def resolve_backend(backend: str) -> str:
@@ -60,6 +75,16 @@ def max_dets_thresholds(max_dets: int) -> list:
     return [d for d in (1, 10) if d < max_dets] + [max_dets]
 
 
+def protocol_max_dets(protocol: str, max_dets: int):
+    """(COCOeval maxDets, index of the one that "AP" is read at) of a protocol; every other AP,
+    band and per-class AP is read at the last maxDets."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "mmdet":
+        return list(MMDET_MAX_DETS), MMDET_MAX_DETS.index(100)
+    return max_dets_thresholds(max_dets), -1
+
+
 def mean_valid_percent(values: np.ndarray) -> float:
     """Mean of the entries COCOeval filled (> -1), in percent; NaN when a band has no ground truth."""
     valid = values[values > -1]
@@ -73,14 +98,16 @@ class SmallObjectCOCOEvaluator(COCOEvaluator):
     AP, AP50, AP75, APs, APm, APl, AP_vt, AP_t, AP_s_tod, AR@<maxDets> for each maxDets,
     ARs, ARm, ARl, AR_vt, AR_t, AR_s_tod, and ``AP-<class name>``.
 
-    ``max_dets`` keeps only the highest-scoring detections of each image before evaluation and
-    is COCOeval's top ``maxDets`` (AI-TOD evaluates with 1500; COCO with 100).
+    ``max_dets`` keeps only the highest-scoring detections of each image before evaluation. With
+    ``protocol="coco"`` it is also COCOeval's top ``maxDets`` (AI-TOD evaluates with 1500; COCO
+    with 100); with ``"mmdet"`` COCOeval uses :data:`MMDET_MAX_DETS` as MMDetection does.
     """
 
     def __init__(self, dataset_name, distributed=True, output_dir=None, *, max_dets: int = 100,
-                 backend: str = "auto"):
-        self._max_dets_list = max_dets_thresholds(max_dets)
+                 backend: str = "auto", protocol: str = "coco"):
+        self._max_dets_list, self._ap_index = protocol_max_dets(protocol, max_dets)
         self._max_dets = max_dets
+        self._protocol = protocol
         super().__init__(dataset_name, tasks=("bbox",), distributed=distributed, output_dir=output_dir,
                          max_dets_per_image=max_dets, use_fast_impl=False)
         self._backend = resolve_backend(backend)
@@ -90,7 +117,10 @@ class SmallObjectCOCOEvaluator(COCOEvaluator):
 
             # its own copy: both backends write flags into the ground-truth dicts they load
             self._faster_coco_api = FasterCOCO(PathManager.get_local_path(self._metadata.json_file))
-        self._logger.info(f"SmallObjectCOCOEvaluator on '{dataset_name}': backend={self._backend}, "
+        read_at = (f"AP at maxDets {self._max_dets_list[self._ap_index]}, the rest at {self._max_dets_list[-1]}"
+                   if protocol == "mmdet" else f"every AP at maxDets {self._max_dets_list[-1]}")
+        self._logger.info(f"SmallObjectCOCOEvaluator on '{dataset_name}': protocol={protocol} ({read_at}; "
+                          f"detections per image capped at {max_dets}), backend={self._backend}, "
                           f"maxDets={self._max_dets_list}")
 
     def process(self, inputs, outputs):
@@ -164,7 +194,7 @@ class SmallObjectCOCOEvaluator(COCOEvaluator):
         iou75 = int(np.flatnonzero(np.isclose(iou_thresholds, 0.75))[0])
 
         results = {
-            "AP": mean_valid_percent(precision[:, :, :, 0, -1]),
+            "AP": mean_valid_percent(precision[:, :, :, 0, self._ap_index]),
             "AP50": mean_valid_percent(precision[iou50, :, :, 0, -1]),
             "AP75": mean_valid_percent(precision[iou75, :, :, 0, -1]),
         }
@@ -177,7 +207,8 @@ class SmallObjectCOCOEvaluator(COCOEvaluator):
 
         ap_part = {k: v for k, v in results.items() if k.startswith("AP")}
         ar_part = {k: v for k, v in results.items() if k.startswith("AR")}
-        self._logger.info("Evaluation results for bbox (AP_vt <8 px, AP_t 8-16 px, AP_s_tod 16-32 px): \n"
+        self._logger.info(f"Evaluation results for bbox, {self._protocol} protocol "
+                          "(AP_vt <8 px, AP_t 8-16 px, AP_s_tod 16-32 px): \n"
                           + create_small_table(ap_part) + "\n" + create_small_table(ar_part))
 
         if not class_names:

@@ -46,7 +46,9 @@ class Predictor:
     """
 
     def __init__(self, cfg_or_path, weights=None, device=None, opts=(), score_thresh: float = 0.0):
-        self.cfg = get_sdconet_cfg(cfg_or_path, opts)
+        # MODEL.WEIGHTS tells the backbone build that a full checkpoint follows, so a paper
+        # config needs no ImageNet Swin file ($SDCONET_WEIGHTS) just to predict.
+        self.cfg = get_sdconet_cfg(cfg_or_path, [*opts, *(["MODEL.WEIGHTS", str(weights)] if weights else [])])
         self.device = _pick_device(device, self.cfg)
         self.model = build_model(self.cfg).to(self.device).eval()
         if weights:

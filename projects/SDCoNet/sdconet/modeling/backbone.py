@@ -1,6 +1,6 @@
 """timm's Swin Transformer as a detectron2 backbone, with the taps SDCoNet's SR decoder needs.
 
-Outputs (NCHW, strides relative to the input, spec §2 / §3.1):
+Outputs (NCHW, strides relative to the input; docs/method.md, "Shared Swin encoder"):
 
 - ``patch_embed``: tokens after the 4x4 patch embedding and its LayerNorm (stride 4);
 - ``stage1_raw``: stage-1 output with no extra norm (stride 4), a skip of the SR decoder;
@@ -22,6 +22,8 @@ from its nominal 224 input (stage 4 at 7x7 tokens never shifts), whatever the re
 """
 import functools
 import logging
+import os
+import re
 from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import timm
@@ -43,7 +45,9 @@ __all__ = [
     "TimmSwinBackbone",
     "SwinLoadReport",
     "build_timm_swin_backbone",
+    "expand_path",
     "load_swin_weights",
+    "missing_weights_message",
     "swin_block_forward",
 ]
 
@@ -266,49 +270,126 @@ class TimmSwinBackbone(Backbone):
 
 
 class SwinLoadReport(NamedTuple):
-    """Keys (model names, after conversion) that did not load, returned by :func:`load_swin_weights`.
+    """What :func:`load_swin_weights` did, by model key (after conversion).
 
-    ``missing_keys`` includes the ``mismatched_keys`` (skipped for their shape)."""
+    ``missing_keys`` includes the ``mismatched_keys`` (skipped for their shape) and the res output
+    norms ``norm1``.. that classification checkpoints do not have. ``resized_keys`` were
+    interpolated by timm to the model's shape (relative position tables of another window)."""
 
     missing_keys: List[str]
     unexpected_keys: List[str]
     mismatched_keys: List[str]
+    loaded_keys: List[str]
+    resized_keys: List[str]
+
+
+# Keys of ImageNet classification checkpoints that a detection backbone has no use for.
+_CLASSIFIER_PREFIXES = ("head.", "norm.")
 
 
 def load_swin_weights(backbone: TimmSwinBackbone, path: str) -> SwinLoadReport:
     """Load a LOCAL Swin checkpoint (official Microsoft ``.pth`` or timm keys) into ``backbone``.
 
-    timm's own converter moves the official per-stage downsample to timm's layout, drops the
-    ``relative_position_index`` / ``attn_mask`` buffers and resizes relative position tables when
-    the window differs. Tensors whose shape still differs are skipped and reported; the
-    classification ``norm.*`` / ``head.*`` come out as unexpected and the res norms as missing.
+    timm's own converter (:func:`checkpoint_filter_fn`) moves the official per-stage downsample to
+    timm's layout, renames ``head`` to ``head.fc``, drops the ``relative_position_index`` /
+    ``attn_mask`` buffers and resizes (bicubic) relative position tables of another window size
+    and patch embeddings of another patch size. Tensors whose shape still differs are skipped.
+    The counts go to the log: INFO when only the expected keys differ (classifier ``head`` /
+    ``norm`` unused, res norms new), WARNING when Swin tensors stay at their random init.
     """
-    logger.info(f"Loading Swin weights from {path}")
-    state_dict = checkpoint_filter_fn(load_state_dict(path, use_ema=False), backbone)
+    raw = load_state_dict(path, use_ema=False)
+    try:
+        state_dict = checkpoint_filter_fn(raw, backbone)
+    except AttributeError as e:  # a table for a block the model does not have
+        raise ValueError(f"{path} does not fit the Swin of MODEL.SDCONET.SWIN (another variant?): {e}") from e
     own = backbone.state_dict()
-    mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    resized = sorted(k for k, v in state_dict.items() if k in raw and raw[k].shape != v.shape)
+    mismatched = sorted(k for k, v in state_dict.items() if k in own and own[k].shape != v.shape)
     for key in mismatched:
-        logger.warning(f"Skip loading parameter '{key}': shape {tuple(state_dict[key].shape)} in the "
+        logger.warning(f"Skip loading parameter '{key}': shape {tuple(state_dict.pop(key).shape)} in the "
                        f"checkpoint, {tuple(own[key].shape)} in the model.")
-        del state_dict[key]
     incompatible = backbone.load_state_dict(state_dict, strict=False)
-    report = SwinLoadReport(sorted(incompatible.missing_keys),
-                            sorted(incompatible.unexpected_keys), mismatched)
-    if report.missing_keys:
-        logger.warning(get_missing_parameters_message(report.missing_keys))
-    if report.unexpected_keys:
-        logger.warning(get_unexpected_parameters_message(report.unexpected_keys))
+    report = SwinLoadReport(sorted(incompatible.missing_keys), sorted(incompatible.unexpected_keys), mismatched,
+                            sorted(k for k in state_dict if k in own), resized)
+    absent = [k for k in report.missing_keys if k not in mismatched]
+    new_norms = [k for k in absent if re.fullmatch(r"norm\d+\.(weight|bias)", k)]
+    classifier = [k for k in report.unexpected_keys if k.startswith(_CLASSIFIER_PREFIXES)]
+    logger.info(
+        f"Swin weights from {path}: loaded {len(report.loaded_keys)} of {len(own)} backbone tensors; "
+        f"missing {len(absent)} ({len(new_norms)} of them the new res output norms, which start as identity "
+        f"LayerNorms); skipped {len(report.unexpected_keys)} unexpected ({len(classifier)} of them the "
+        f"classifier's head / norm) and {len(mismatched)} of another shape (left at their random init); "
+        f"{len(resized)} resized by timm's checkpoint_filter_fn (relative position tables of another window "
+        "size are interpolated, not dropped)")
+    lost = [k for k in absent if k not in new_norms]
+    if lost:
+        logger.warning(get_missing_parameters_message(lost))
+    unused = [k for k in report.unexpected_keys if k not in classifier]
+    if unused:
+        logger.warning(get_unexpected_parameters_message(unused))
     return report
+
+
+# MODEL.SDCONET.SWIN.PRETRAINED value that starts a named Swin from random weights on purpose.
+NO_PRETRAINED = "none"
+
+
+def expand_path(value: str) -> str:
+    """``value`` with ``$VAR`` / ``${VAR}`` and ``~`` expanded (an unset variable stays as written)."""
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+def missing_weights_message(name: str, value: str) -> str:
+    """Why a named Swin refuses to start without ImageNet weights, and how to provide them."""
+    path = expand_path(value)
+    unset = sorted({a or b for a, b in re.findall(r"\$\{(\w+)\}|\$(\w+)", value)} - set(os.environ))
+    if value:
+        problem = f"there is no file {path!r}" + (f" (PRETRAINED={value!r})" if path != value else "")
+        if unset:
+            problem += f"; {', '.join('$' + v for v in unset)} is not set"
+    else:
+        problem = "PRETRAINED is empty"
+    if name == "custom":
+        get = "Save a state dict of this Swin (official or timm key names) there"
+    else:
+        file_name = f"{name.split('.')[0]}.pth"
+        get = (f"Download the official {file_name} from the Swin Transformer GitHub release "
+               f"(https://github.com/SwinTransformer/storage/releases/download/v1.0.0/{file_name}), or save "
+               f"timm's weights with torch.save(timm.create_model({name!r}, pretrained=True).state_dict(), "
+               f"{file_name!r}). Put the file in a folder and `export SDCONET_WEIGHTS=<that folder>` (the "
+               f"configs read $SDCONET_WEIGHTS/{file_name}), or set MODEL.SDCONET.SWIN.PRETRAINED to its path")
+    return (f"MODEL.SDCONET.SWIN.PRETRAINED: no ImageNet weights for the Swin {name!r}: {problem}. {get}. "
+            f"To train from scratch on purpose: MODEL.SDCONET.SWIN.PRETRAINED {NO_PRETRAINED}.")
 
 
 @BACKBONE_REGISTRY.register()
 def build_timm_swin_backbone(cfg, input_shape: ShapeSpec) -> TimmSwinBackbone:
-    """detectron2 entry point: ``cfg.MODEL.BACKBONE.NAME = "build_timm_swin_backbone"``."""
+    """detectron2 entry point: ``cfg.MODEL.BACKBONE.NAME = "build_timm_swin_backbone"``.
+
+    MODEL.SDCONET.SWIN.PRETRAINED: a local checkpoint path (``$VAR`` and ``~`` expanded), or
+    "none" for random weights (with a warning). A named timm Swin without a readable file is an
+    error that says what to download: ImageNet weights should never be forgotten silently. A
+    "custom" Swin (tiny test configs) starts from random weights when PRETRAINED is "". When
+    MODEL.WEIGHTS is set, a full checkpoint overwrites the backbone anyway, so a missing file is
+    only logged.
+    """
     s = cfg.MODEL.SDCONET.SWIN
     backbone = TimmSwinBackbone(
         s.NAME, embed_dim=s.EMBED_DIM, depths=s.DEPTHS, num_heads=s.NUM_HEADS,
         window_size=s.WINDOW_SIZE, drop_path_rate=s.DROP_PATH_RATE, out_features=s.OUT_FEATURES,
         freeze_at=s.FREEZE_AT, use_checkpoint=s.USE_CHECKPOINT, in_chans=input_shape.channels)
-    if s.PRETRAINED:
-        load_swin_weights(backbone, s.PRETRAINED)
+    if s.PRETRAINED is None or s.PRETRAINED.strip().lower() == NO_PRETRAINED:  # yacs reads `None` as None
+        logger.warning(f"MODEL.SDCONET.SWIN.PRETRAINED {s.PRETRAINED}: the Swin {s.NAME!r} starts from random "
+                       "weights (no ImageNet initialisation)")
+        return backbone
+    if not s.PRETRAINED and s.NAME == "custom":
+        return backbone
+    path = expand_path(s.PRETRAINED)
+    if s.PRETRAINED and os.path.isfile(path):
+        load_swin_weights(backbone, path)
+    elif cfg.MODEL.WEIGHTS:
+        logger.info(f"No Swin ImageNet weights loaded (PRETRAINED={s.PRETRAINED!r} is not a file): "
+                    f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} provides the backbone")
+    else:
+        raise FileNotFoundError(missing_weights_message(s.NAME, s.PRETRAINED))
     return backbone

@@ -1,4 +1,4 @@
-"""DINO set losses: sigmoid focal classification, L1 and GIoU box losses (spec §4).
+"""DINO set losses: sigmoid focal classification, L1 and GIoU box losses (docs/method.md, Losses and weights).
 
 Applied to the last decoder layer, every auxiliary layer, the selected encoder proposals
 (each matched on its own with the Hungarian matcher) and the denoising queries (matched to

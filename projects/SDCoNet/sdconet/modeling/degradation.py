@@ -1,7 +1,7 @@
 """Batched on-device degradation of a normalised HR batch into the low-quality LR input.
 
 Done inside the model (as the authors do) so the HR target and the LR input can never drift
-apart, and on the device so it costs no data-loader time (spec §6.2).
+apart, and on the device so it costs no data-loader time (docs/method.md, Degradation).
 """
 import math
 

@@ -1,9 +1,10 @@
 """The ``SDCoNet`` meta-architecture: normalise, pad, degrade, Swin, neck, DINO transformer, losses.
 
-Training adds two branches on the shared Swin: the SR decoder (``loss_sr``, spec §3.2) and the
-saliency predictor that drives token selection (``loss_saliency``, spec §3.3-§3.4). Inference
-runs detection only. With both branches off this is the paper's "DINO on low-resolution input"
-baseline. Boxes in and out are in the coordinates of the image the user gave.
+Training adds two branches on the shared Swin: the SR decoder (``loss_sr``; docs/method.md, SR
+branch) and the saliency predictor that drives token selection (``loss_saliency``; docs/method.md,
+Saliency and token selection). Inference runs detection only. With both branches off this is the
+paper's "DINO on low-resolution input" baseline. Boxes in and out are in the coordinates of the
+image the user gave.
 
 Losses are grouped by task through their names: keys in :data:`SR_LOSS_KEYS` are the SR task,
 every other ``loss_*`` is detection (the gradient-routing trainer splits the backward on this).
@@ -194,7 +195,7 @@ class SDCoNet(nn.Module):
         return {"loss_sr": self.sr_loss_weight * SRDecoder.loss(sr, images.tensor, valid)}
 
     def saliency_loss(self, outputs, batched_inputs, images: ImageList) -> Dict[str, torch.Tensor]:
-        """Focal BCE of the per-level saliency logits against box-derived soft targets (spec §3.3)."""
+        """Focal BCE of the per-level saliency logits against box-derived soft targets."""
         logits = outputs["saliency"].logits
         hr_h, hr_w = images.tensor.shape[-2:]
         strides = [(hr_h / h, hr_w / w) for h, w in outputs["spatial_shapes"]]

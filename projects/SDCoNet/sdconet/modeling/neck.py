@@ -1,6 +1,6 @@
 """Necks from the backbone's res3..res5 to the transformer's levels (all ``out_channels`` wide).
 
-- :class:`ChannelMapper`: the authors' neck (spec §2): a 1x1 conv (no bias) + GroupNorm(32) per
+- :class:`ChannelMapper`: the authors' neck: a 1x1 conv (no bias) + GroupNorm(32) per
   input, no activation, no fusion between levels.
 - :class:`FPN`: 1x1 laterals, top-down nearest upsampling and addition, 3x3 output convs.
 
@@ -59,7 +59,7 @@ class _Neck(nn.Module):
 
 
 class ChannelMapper(_Neck):
-    """Project every input to ``out_channels`` on its own (spec §2), then add the extra levels."""
+    """Project every input to ``out_channels`` on its own, then add the extra levels."""
 
     def __init__(self, input_shapes: Sequence[ShapeSpec], out_channels: int = 256,
                  num_extra_levels: int = 1, norm: str = "GN"):

@@ -1,9 +1,9 @@
-"""Multi-scale saliency prediction and its box-derived supervision (spec §3.3, Salience-DETR style).
+"""Multi-scale saliency prediction and its box-derived supervision (Salience-DETR style).
 
 The predictor scores every neck token with a logit "how likely is this token the centre of an
 object of this level's size". Scores flow top-down: the coarse level's logits, upsampled, modulate
-the next finer level's tokens before that level is scored. Token selection (§3.4) uses the scores;
-it lives elsewhere.
+the next finer level's tokens before that level is scored. Token selection uses the scores; it
+lives in ``transformer/salient_encoder.py``. The method: docs/method.md, Saliency and token selection.
 
 Conventions used throughout:
 
@@ -19,12 +19,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-# Object-size ranges (max distance from token centre to a box side, HR px) of levels 0..3 (spec §3.3).
+# Object-size ranges (max distance from token centre to a box side, HR px) of levels 0..3.
 DEFAULT_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, math.inf))
 
 
 def _init_linear(module: nn.Module) -> None:
-    """Xavier-uniform weights and zero biases for every Linear inside ``module`` (spec §3.3)."""
+    """Xavier-uniform weights and zero biases for every Linear inside ``module`` (as the release)."""
     for layer in module.modules():
         if isinstance(layer, nn.Linear):
             nn.init.xavier_uniform_(layer.weight)
@@ -69,7 +69,7 @@ class SaliencyOutput(NamedTuple):
     """Per-level saliency, each (B, H_l, W_l).
 
     ``logits``: raw predictions; the loss uses these for every token, padded ones included, as the
-    release does (spec §3.3: "padded tokens are not excluded from the loss").
+    release does.
     ``scores``: the same logits with padded tokens set to a very low value (the level's smallest
     logit minus 1, detached), so a top-k for token selection ranks them strictly after every valid
     token while the value stays finite and on the logits' scale.
@@ -80,7 +80,7 @@ class SaliencyOutput(NamedTuple):
 
 
 class SaliencyPredictor(nn.Module):
-    """Top-down multi-scale saliency (spec §3.3): coarse logits modulate the finer level's tokens.
+    """Top-down multi-scale saliency: coarse logits modulate the finer level's tokens.
 
     ``alpha="learnable"``: a trained (num_levels-1)-vector initialised U(-0.3, 0.3) (Salience-DETR).
     ``alpha="fixed"``: all ones, a non-persistent buffer that is never trained (the release's
@@ -159,7 +159,7 @@ def saliency_targets(gt_boxes_per_image: Sequence[torch.Tensor], image_sizes_hr:
                      level_shapes: Sequence[Tuple[int, int]],
                      level_strides_hr: Sequence[Union[float, Tuple[float, float]]],
                      ranges: Sequence[Tuple[float, float]] = DEFAULT_RANGES) -> List[torch.Tensor]:
-    """Soft box-centredness targets per level, (B, H_l, W_l) each (spec §3.3, Salience-DETR).
+    """Soft box-centredness targets per level, (B, H_l, W_l) each (Salience-DETR).
 
     A token (row i, column j) sits at ((j+0.5)*stride_x, (i+0.5)*stride_y) HR px. It is positive for
     a box when it lies strictly inside it and max(l, t, r, b) is in the level's range (lo, hi];
@@ -205,7 +205,7 @@ def saliency_targets(gt_boxes_per_image: Sequence[torch.Tensor], image_sizes_hr:
 
 def saliency_loss(logits_flat: torch.Tensor, targets_flat: torch.Tensor,
                   alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
-    """Focal-weighted BCE with soft targets, summed over all tokens, divided by num_pos (spec §3.3).
+    """Focal-weighted BCE with soft targets, summed over all tokens, divided by num_pos.
 
     weight = (1-alpha)*p^gamma*(1-t) + alpha*t*(1-p)^gamma keeps its gradient, as in the release.
     num_pos = tokens with target > 0, averaged over ranks under torch.distributed (like the DINO

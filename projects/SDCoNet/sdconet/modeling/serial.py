@@ -1,11 +1,12 @@
-"""``SerialSRDetector``: the serial SR-then-detect baseline SDCoNet is compared against (spec §8.1, §8.3).
+"""``SerialSRDetector``: the serial SR-then-detect baseline SDCoNet is compared against
+(docs/method.md, Serial baseline).
 
 An SR network (its own Swin encoder + the SR decoder) turns the LR input into an HR-sized image;
 a second Swin + the same neck and DINO transformer detect on that image. Unlike SDCoNet, the SR
 network runs at inference too, and the detector works at HR resolution (4x the tokens at x2),
 which is where the paper's "5x fewer FLOPs" comparison comes from.
 
-``MODEL.SDCONET.SERIAL.DETACH`` picks between the two released variants (spec §9 item 11):
+``MODEL.SDCONET.SERIAL.DETACH`` picks between the two released variants, which disagree on this:
 True = DINO_SR_TS (SR image detached: SR and detection trained apart), False = SA_DINO_SR_TS
 (detection gradients reach the SR network).
 """

@@ -1,13 +1,14 @@
-"""SDCoNet's super-resolution branch: a U-Net of Swin blocks on the shared Swin encoder (spec §3.2).
+"""SDCoNet's super-resolution branch: a U-Net of Swin blocks on the shared Swin encoder.
 
 It is an auxiliary, training-only task: SR gradients shape the shared encoder, and inference
-never runs it. The release's bugs are fixed (spec §9):
+never runs it. The method: docs/method.md, SR branch. The release's bugs are fixed (docs/method.md,
+Differences from the authors' release):
 
-- bug 4: the reconstruction head takes the decoder width (``embed_dim`` channels), not ``embed_dim // 24``;
-- bug 5: the bottleneck is flattened to tokens with ``flatten(2).transpose(1, 2)``, not a scrambling ``view``;
-- bug 6: ``head="full"`` learns the whole upsampling to the HR size; ``head="x2_bilinear"`` keeps the
-  release's behaviour (learned up to LR/2, bilinear for the rest);
-- bug 7: no SwinIR RGB mean is added: the target is the mean/std-normalised HR tensor.
+- the reconstruction head takes the decoder width (``embed_dim`` channels), not ``embed_dim // 24``;
+- the bottleneck is flattened to tokens with ``flatten(2).transpose(1, 2)``, not a scrambling ``view``;
+- the release learns the image only up to LR/2 and upsamples bilinearly the rest: ``head="x2_bilinear"``
+  keeps that, ``"residual"`` (default) and ``"full"`` learn at the HR resolution;
+- no SwinIR RGB mean is added: the target is the mean/std-normalised HR tensor.
 
 Data flow (Swin-T widths, 256x256 LR; C x H x W):
 res5 768x8x8 -> bottleneck conv s2 + GN 1536x4x4 -> [expand, + skip, Swin blocks] x4:
@@ -39,7 +40,7 @@ __all__ = ["SRDecoder", "SR_HEADS", "build_sr_decoder"]
 SR_HEADS = ("residual", "x2_bilinear", "full")
 # Skip taps of the backbone, deepest first; each is added after the matching expand stage.
 SKIP_FEATURES = ("res5", "res4", "res3", "stage1_raw")
-# Channels of the reconstruction head's hidden layers (spec §3.2: the release uses 16).
+# Channels of the hidden layers of the "x2_bilinear" and "full" heads (the release uses 16).
 HEAD_FEATURES = 16
 # Backbone stride of the decoder's last token grid (patch embedding: 4).
 TOKEN_STRIDE = 4
@@ -162,7 +163,7 @@ class SRDecoder(nn.Module):
         self.scale = int(scale)
         self.learned_factor = learned_factor
 
-        # Spec §2 "neck SR bottleneck": kept here so it is frozen / skipped with the SR branch.
+        # The release's SR bottleneck (in its neck): kept here so it is frozen / skipped with the SR branch.
         self.bottleneck = nn.Sequential(
             MatmulConv2d(widths[0], bottleneck_dim, kernel_size=3, stride=2, padding=1, bias=False),
             nn.GroupNorm(32, bottleneck_dim),

@@ -7,10 +7,21 @@ from torch import nn
 
 from ..config import get_sdconet_cfg
 
+PRETRAINED_KEY = "MODEL.SDCONET.SWIN.PRETRAINED"
+
+
+def random_weights_opts(opts: Sequence = ()) -> List:
+    """``opts`` plus ``MODEL.SDCONET.SWIN.PRETRAINED none`` unless they set that key themselves.
+
+    Timings, FLOPs and parameter counts do not depend on the weights, so the measuring tools need
+    no ImageNet file; without it a named Swin refuses to build."""
+    opts = list(opts or [])
+    return opts if PRETRAINED_KEY in opts[0::2] else opts + [PRETRAINED_KEY, "none"]
+
 
 def build_benchmark_model(config_file: str, opts: Sequence = (), device: str = "cpu") -> nn.Module:
     """The detectron2 model of a config on ``device``, in eval mode, with random weights."""
-    return build_model(get_sdconet_cfg(config_file, [*(opts or []), "MODEL.DEVICE", device])).eval()
+    return build_model(get_sdconet_cfg(config_file, [*random_weights_opts(opts), "MODEL.DEVICE", device])).eval()
 
 
 def no_selection_opts(config_file: str, opts: Sequence = ()) -> List[str]:

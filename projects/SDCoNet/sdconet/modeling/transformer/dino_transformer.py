@@ -1,4 +1,4 @@
-"""DINO transformer with its prediction heads (spec §3.5).
+"""DINO transformer with its prediction heads (docs/method.md, DINO detector).
 
 Deformable encoder -> two-stage mixed query selection (top-k encoder proposals give the
 reference boxes, content queries are learned) -> contrastive denoising queries in training ->
@@ -119,10 +119,11 @@ class DINOTransformer(nn.Module):
     proposals and, in training with targets, the denoising queries.
 
     With ``saliency_alpha`` set ("learnable" or "fixed"), a multi-scale saliency predictor scores
-    the neck tokens (spec §3.3) and the encoder updates only the selected ones (spec §3.4);
-    the outputs then also hold the per-level saliency logits and the token selection.
+    the neck tokens and the encoder updates only the selected ones (docs/method.md, Saliency and
+    token selection); the outputs then also hold the per-level saliency logits and the selection.
     ``shared_scorer=False`` ranks pre-attention tokens with a separate, never-trained Linear as
-    the release does (spec §9 item 3); by default the trained encoder class head ranks them.
+    the release does (docs/method.md, Differences from the authors' release); by default the
+    trained encoder class head ranks them.
     ``deform_impl`` / ``deform_compile`` go to every :class:`MSDeformAttn` as ``impl`` / ``compile``.
     """
 

@@ -1,4 +1,4 @@
-"""Saliency-driven token selection in the deformable encoder (spec §3.4, Salience-DETR design).
+"""Saliency-driven token selection in the deformable encoder (Salience-DETR design).
 
 Only the tokens that the saliency predictor ranks highest are updated, so the encoder's cost
 scales with the number of *selected* tokens, not with the image size:
@@ -12,7 +12,8 @@ scales with the number of *selected* tokens, not with the image size:
    features (the value is never updated), then the FFN;
 4. unselected (background) tokens keep their neck features plus a learned background embedding.
 
-All ratios 1.0 reproduce the release, which selects nothing away (spec §9 item 2).
+All ratios 1.0 reproduce the release, which selects nothing away. The method: docs/method.md,
+Saliency and token selection.
 """
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -90,7 +91,7 @@ def select_salient_tokens(scores: torch.Tensor, padding: torch.Tensor, spatial_s
 
 class LearnedPositionEmbedding(nn.Module):
     """Row and column embeddings (``num_embeddings`` each, ``dim/2`` wide), concatenated: the
-    background embedding of tokens the encoder does not update (spec §3.4: 200 entries)."""
+    background embedding of tokens the encoder does not update (200 entries, as the release)."""
 
     def __init__(self, dim: int, num_embeddings: int = 200):
         super().__init__()
