@@ -12,12 +12,9 @@ paired run by run in the order given (give the seeds in the same order in every 
 """
 import argparse
 import json
-import math
-import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
-import numpy as np
-from scipy import stats
+from sdconet.utils.stats import Interval, mean_interval, metric_value, paired_difference, read_final_metrics
 
 DEFAULT_METRICS = ("bbox/AP", "bbox/AP50", "bbox/APs", "bbox/AP_vt", "bbox/AP_t", "bbox/AP_s_tod",
                    "sr_quality/PSNR_SR", "sr_quality/PSNR_bicubic", "sr_quality/SSIM_SR", "sr_quality/SSIM_bicubic")
@@ -25,32 +22,20 @@ DEFAULT_METRICS = ("bbox/AP", "bbox/AP50", "bbox/APs", "bbox/AP_vt", "bbox/AP_t"
 
 def read_metric(run_dir: str, metric: str) -> float:
     """``metric`` = "task/key" from ``run_dir/final_metrics.json``; NaN when the run has no such key."""
-    path = os.path.join(run_dir, "final_metrics.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: is the run {run_dir} finished?")
-    with open(path) as f:
-        results = json.load(f)
-    task, key = metric.split("/", 1)
-    value = results.get(task, {}).get(key)
-    return math.nan if value is None else float(value)
+    return metric_value(read_final_metrics(run_dir), metric)
 
 
-def mean_interval(values: Sequence[float]) -> Tuple[float, float]:
-    """Mean and the half-width of its 95% t interval (NaN half-width for a single value)."""
-    values = np.asarray(values, dtype=np.float64)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, math.nan
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return mean, float(half)
+def entry(interval: Interval) -> Dict:
+    """An interval as the summary stores it: ``ci95`` is the half-width of the 95% interval."""
+    return {"mean": interval.mean, "ci95": interval.half_width, "low": interval.low, "high": interval.high,
+            "n": interval.n}
 
 
 def summarize(groups: Dict[str, List[str]], metrics: Sequence[str], reference: str = "") -> Dict:
     table = {name: {m: [read_metric(d, m) for d in dirs] for m in metrics} for name, dirs in groups.items()}
     summary = {"groups": {}, "differences": {}}
     for name, values in table.items():
-        summary["groups"][name] = {m: dict(zip(("mean", "ci95"), mean_interval(v)), values=v)
-                                   for m, v in values.items()}
+        summary["groups"][name] = {m: dict(entry(mean_interval(v)), values=v) for m, v in values.items()}
     if reference:
         if reference not in table:
             raise ValueError(f"--reference {reference!r} is not one of the groups {sorted(table)}")
@@ -60,9 +45,10 @@ def summarize(groups: Dict[str, List[str]], metrics: Sequence[str], reference: s
             if len(groups[name]) != len(groups[reference]):
                 raise ValueError(f"paired differences need as many runs in {name!r} ({len(groups[name])}) "
                                  f"as in {reference!r} ({len(groups[reference])})")
-            summary["differences"][name] = {
-                m: dict(zip(("mean", "ci95"), mean_interval(np.subtract(values[m], table[reference][m]))))
-                for m in metrics}
+            summary["differences"][name] = {}
+            for m in metrics:
+                diff = paired_difference(values[m], table[reference][m])
+                summary["differences"][name][m] = dict(entry(diff), p_value=diff.p_value)
     return summary
 
 

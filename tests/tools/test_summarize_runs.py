@@ -25,8 +25,10 @@ def test_mean_interval_and_paired_difference(tmp_path, capsys):
     ap = summary["groups"]["new"]["bbox/AP"]
     # mean 12, sd 2, n 3: t(0.975, 2) = 4.3027 -> half-width 4.3027 * 2 / sqrt(3)
     assert ap["mean"] == pytest.approx(12.0) and ap["ci95"] == pytest.approx(4.3027 * 2 / math.sqrt(3), rel=1e-4)
+    assert (ap["low"], ap["high"]) == pytest.approx((12.0 - ap["ci95"], 12.0 + ap["ci95"]))
     diff = summary["differences"]["new"]["bbox/AP"]  # paired: (1, 0, 2)
     assert diff["mean"] == pytest.approx(1.0) and diff["ci95"] == pytest.approx(4.3027 * 1 / math.sqrt(3), rel=1e-4)
+    assert diff["p_value"] == pytest.approx(1 - math.sqrt(3 / 5))  # paired t = sqrt(3), 2 degrees of freedom
     assert math.isnan(summary["groups"]["old"]["sr_quality/PSNR_SR"]["mean"])  # no SR in those runs
     out = capsys.readouterr().out
     assert "| new | 3 | 12.00 ± 4.97 | 41.00 ± 2.48 |" in out and "| new - old (paired) |" in out

@@ -223,6 +223,9 @@ def add_sdconet_config(cfg):
     # Rank pre-attention tokens with the trained encoder class head (True, Salience-DETR) or with a
     # separate Linear that never receives a gradient (False, the release's bug).
     _C.MODEL.SDCONET.SALIENCY.SHARED_SCORER = True
+    # How the pre-attention ranks tokens: "logit_product" (max class logit x saliency logit, the
+    # release; two negative logits rank high) or "sigmoid" (product of the two probabilities).
+    _C.MODEL.SDCONET.SALIENCY.PRE_ATTENTION_SCORE = "logit_product"
 
     # ---------------------------------------------------------------- serial baseline
     # SerialSRDetector (META_ARCHITECTURE): an SR network (own Swin + SR decoder) makes the SR
@@ -293,6 +296,12 @@ def add_sdconet_config(cfg):
     _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Clip the L2 norm of all gradients together (full model); <= 0 disables (SDCoNet: 0.1).
     _C.SOLVER.FULL_MODEL_CLIP_NORM = 0.1
+    # Training-time budget in seconds (a float): once the training steps (data loading included;
+    # checkpoints and evaluations not) have taken this long, training ends as at MAX_ITER, with
+    # model_final and the final evaluation. The time goes on counting across --resume and is logged
+    # as train_seconds. For comparing configs at equal time (tools/compare.py --budget-seconds); the
+    # LR schedule still follows MAX_ITER and STEPS. 0 = no budget.
+    _C.SOLVER.TIME_BUDGET_SECONDS = 0.0
 
     # Gradient routing between the SR and detection tasks, GradientRoutingTrainer.
     _C.SOLVER.GRADIENT_ROUTING = CN()

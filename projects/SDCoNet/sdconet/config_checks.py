@@ -49,6 +49,7 @@ RULES = {
     "MODEL.SDCONET.SR.RESIDUAL_CONVS": at_least(0),
     "MODEL.SDCONET.SALIENCY.ALPHA": one_of("learnable", "fixed"),
     "MODEL.SDCONET.SALIENCY.TOPK_PRE_ATTENTION": at_least(1),
+    "MODEL.SDCONET.SALIENCY.PRE_ATTENTION_SCORE": one_of("logit_product", "sigmoid"),
     "TEST.SDCONET.COCO_BACKEND": one_of("auto", "faster", "pycocotools"),
     "TEST.SDCONET.PROTOCOL": one_of("coco", "mmdet"),
     "TEST.SDCONET.AMP.DTYPE": DTYPES,
@@ -71,6 +72,7 @@ RULES = {
     "SOLVER.MAX_ITER": at_least(1),
     "SOLVER.IMS_PER_BATCH": at_least(1),
     "SOLVER.CHECKPOINT_PERIOD": at_least(1),
+    "SOLVER.TIME_BUDGET_SECONDS": Rule(lambda v: v >= 0, "must be >= 0 seconds (0 = no budget)"),
 }
 
 

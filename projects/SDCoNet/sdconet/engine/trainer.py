@@ -30,6 +30,7 @@ from ..data.mapper import SDCoNetDatasetMapper
 from ..evaluation import SRQualityEvaluator, SmallObjectCOCOEvaluator
 from .checkpoint import AtomicDetectionCheckpointer
 from .ema import ModelEMA
+from .hooks import TimeBudget, TimeBudgetSpent
 from .launch import unwrap, wrap_ddp
 from .train_loop import GradientRoutingTrainer
 
@@ -174,10 +175,12 @@ class Trainer(GradientRoutingTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        """detectron2's default hooks, in its order (no PreciseBN: SDCoNet has no BatchNorm)."""
+        """detectron2's default hooks, in its order (no PreciseBN: SDCoNet has no BatchNorm), with
+        :class:`.hooks.TimeBudget` right after the timer (it measures the step alone)."""
         main = comm.is_main_process()
         return [
             hooks.IterationTimer(),
+            TimeBudget(self.cfg.SOLVER.TIME_BUDGET_SECONDS, self.checkpointer),
             hooks.LRScheduler(),  # the trainer's optimizer and scheduler
             hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD) if main else None,
             hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate),
@@ -201,9 +204,12 @@ class Trainer(GradientRoutingTrainer):
         self.train_sampler.skip = self.start_iter * images_per_rank
 
     def train(self):
-        """Train from ``start_iter`` to SOLVER.MAX_ITER; with TEST.EXPECTED_RESULTS, check the last
-        evaluation against them and return it."""
-        super().train(self.start_iter, self.max_iter)
+        """Train from ``start_iter`` to SOLVER.MAX_ITER, or until SOLVER.TIME_BUDGET_SECONDS is spent;
+        with TEST.EXPECTED_RESULTS, check the last evaluation against them and return it."""
+        try:
+            super().train(self.start_iter, self.max_iter)
+        except TimeBudgetSpent:
+            pass  # the loop ended like a finished one: final checkpoint and evaluation are done
         if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
             assert hasattr(self, "_last_eval_results"), "No evaluation results obtained during training!"
             verify_results(self.cfg, self._last_eval_results)

@@ -54,6 +54,7 @@ def build_dino_transformer(cfg, num_levels: int) -> DINOTransformer:
         dn_num_queries=s.DN.NUM_QUERIES, dn_label_noise=s.DN.LABEL_NOISE, dn_box_noise=s.DN.BOX_NOISE,
         saliency_alpha=sal.ALPHA if sal.ENABLED else None, level_ratios=tuple(sal.LEVEL_RATIOS),
         layer_ratios=tuple(sal.LAYER_RATIOS), topk_sa=sal.TOPK_PRE_ATTENTION, shared_scorer=sal.SHARED_SCORER,
+        pre_attention_score=sal.PRE_ATTENTION_SCORE,
         deform_impl=t.DEFORM_IMPL, deform_compile=t.DEFORM_COMPILE)
 
 

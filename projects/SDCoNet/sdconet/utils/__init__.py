@@ -1,1 +1,1 @@
-"""Measuring helpers for the tools: parameter and FLOP counts, timings, and the run's description."""
+"""Helpers for the tools: parameter and FLOP counts, timings, the run's description, and statistics over seeds."""

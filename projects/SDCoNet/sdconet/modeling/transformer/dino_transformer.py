@@ -123,7 +123,8 @@ class DINOTransformer(nn.Module):
     token selection); the outputs then also hold the per-level saliency logits and the selection.
     ``shared_scorer=False`` ranks pre-attention tokens with a separate, never-trained Linear as
     the release does (docs/method.md, Differences from the authors' release); by default the
-    trained encoder class head ranks them.
+    trained encoder class head ranks them. ``pre_attention_score``: how that ranking combines the
+    class and saliency logits, "logit_product" (the release) or "sigmoid" (product of probabilities).
     ``deform_impl`` / ``deform_compile`` go to every :class:`MSDeformAttn` as ``impl`` / ``compile``.
     """
 
@@ -133,7 +134,7 @@ class DINOTransformer(nn.Module):
                  dn_num_queries: int = 100, dn_label_noise: float = 0.5, dn_box_noise: float = 1.0,
                  saliency_alpha: Optional[str] = None, level_ratios=(0.4, 0.8, 1.0, 1.0),
                  layer_ratios=(1.0, 0.8, 0.6, 0.6, 0.4, 0.2), topk_sa: int = 100, shared_scorer: bool = True,
-                 deform_impl: str = "auto", deform_compile: bool = False):
+                 pre_attention_score: str = "logit_product", deform_impl: str = "auto", deform_compile: bool = False):
         super().__init__()
         if embed_dim % 2:
             raise ValueError(f"embed_dim must be even for the sine position encoding, got {embed_dim}")
@@ -152,7 +153,8 @@ class DINOTransformer(nn.Module):
         else:
             self.saliency = SaliencyPredictor(embed_dim, num_levels, alpha=saliency_alpha)
             self.encoder = SalientDeformableEncoder(enc_layers, embed_dim, level_ratios=level_ratios,
-                                                    layer_ratios=layer_ratios, topk_sa=topk_sa, **layer_kwargs)
+                                                    layer_ratios=layer_ratios, topk_sa=topk_sa,
+                                                    pre_attention_score=pre_attention_score, **layer_kwargs)
         self.unshared_scorer = None
         if saliency_alpha is not None and not shared_scorer:
             # The release's pre-attention scorer: a fresh Linear used only through a top-k, so it

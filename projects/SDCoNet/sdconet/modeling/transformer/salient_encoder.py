@@ -9,7 +9,9 @@ scales with the number of *selected* tokens, not with the image size:
 2. layer filter: encoder layer i updates only the first ``floor(N_sel * layer_ratio_i)`` of them;
 3. in each layer, a pre-attention (Focus-DETR "dual attention") lets the ``topk_sa`` best of
    those tokens attend to each other, then deformable attention samples the *original* neck
-   features (the value is never updated), then the FFN;
+   features (the value is never updated), then the FFN. "Best" is the max class logit times the
+   saliency logit (``pre_attention_score="logit_product"``, the release) or the product of the
+   two probabilities (``"sigmoid"``); padded tokens rank last and are masked out as keys;
 4. unselected (background) tokens keep their neck features plus a learned background embedding.
 
 All ratios 1.0 reproduce the release, which selects nothing away. The method: docs/method.md,
@@ -32,11 +34,13 @@ class TokenSelection(NamedTuple):
     ``floor(valid * ratio)`` (as in Salience-DETR), so an image with more padding than another
     fills its quota with padded tokens; those are never written back.
     ``per_level`` and ``per_layer``: the K split by level and the prefix length of every layer.
+    ``padded``: whether any image of the batch has padding (known on the host at no extra cost).
     """
 
     indices: torch.Tensor
     per_level: List[int]
     per_layer: List[int]
+    padded: bool = False
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,7 +90,27 @@ def select_salient_tokens(scores: torch.Tensor, padding: torch.Tensor, spatial_s
     indices = indices.gather(1, order)
     total = indices.shape[1]
     per_layer = [int(total * ratio) for ratio in layer_ratios]
-    return TokenSelection(indices, per_level, per_layer)
+    padded = any(sum(counts) < sum(sizes) for counts in valid)
+    return TokenSelection(indices, per_level, per_layer, padded)
+
+
+PRE_ATTENTION_SCORES = ("logit_product", "sigmoid")
+
+
+def pre_attention_score(class_logits: torch.Tensor, saliency: torch.Tensor, mode: str = "logit_product"
+                        ) -> torch.Tensor:
+    """Ranking score of tokens for the pre-attention, from (B, K, classes) logits and (B, K) saliency.
+
+    ``logit_product``: max class logit x saliency logit, as the release. Two negative logits give a
+    large positive product, so confidently empty tokens can outrank objects. ``sigmoid``: the
+    product of the two probabilities, which grows only when both say "object".
+    """
+    best = class_logits.max(-1).values
+    if mode == "logit_product":
+        return best * saliency
+    if mode == "sigmoid":
+        return best.sigmoid() * saliency.sigmoid()
+    raise ValueError(f"pre_attention_score must be one of {PRE_ATTENTION_SCORES}, got {mode!r}")
 
 
 class LearnedPositionEmbedding(nn.Module):
@@ -124,15 +148,34 @@ class SalientEncoderLayer(DeformableEncoderLayer):
         self.pre_dropout = nn.Dropout(dropout)
         self.pre_norm = nn.LayerNorm(embed_dim)
 
-    def pre_attend(self, query: torch.Tensor, query_pos: torch.Tensor, rank_score: torch.Tensor) -> torch.Tensor:
-        """Self-attention among the ``topk_sa`` highest-ranked tokens; the others pass unchanged."""
-        k = min(self.topk_sa, query.shape[1])
-        if k == 0:
+    def pre_attention_indices(self, rank_score: torch.Tensor, padding: Optional[torch.Tensor] = None
+                              ) -> torch.Tensor:
+        """(B, k) positions of the ``topk_sa`` highest ``rank_score``; padded tokens (``padding`` True)
+        come after every valid one, whatever their score."""
+        k = min(self.topk_sa, rank_score.shape[1])
+        if padding is not None:
+            rank_score = rank_score.masked_fill(padding, float("-inf"))
+        return rank_score.topk(k, dim=1).indices
+
+    def pre_attend(self, query: torch.Tensor, query_pos: torch.Tensor, rank_score: torch.Tensor,
+                   padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Self-attention among the ``topk_sa`` highest-ranked tokens; the others pass unchanged.
+
+        ``padding`` (B, Q) True at padded tokens: they are picked only when an image has too few
+        valid ones, and are never attended to (unless an image has no valid token among the picked).
+        """
+        if min(self.topk_sa, query.shape[1]) == 0:
             return query
-        index = rank_score.topk(k, dim=1).indices[..., None].expand(-1, -1, query.shape[-1])
+        top = self.pre_attention_indices(rank_score, padding)
+        index = top[..., None].expand(-1, -1, query.shape[-1])
         tokens = query.gather(1, index)
         q = tokens + query_pos.gather(1, index)
-        attended = self.pre_attention(q, q, tokens, need_weights=False)[0]
+        key_padding_mask = None
+        if padding is not None:
+            key_padding_mask = padding.gather(1, top)
+            # A row of only masked keys has no defined softmax: such an image attends to all its picks.
+            key_padding_mask = key_padding_mask & ~key_padding_mask.all(1, keepdim=True)
+        attended = self.pre_attention(q, q, tokens, key_padding_mask=key_padding_mask, need_weights=False)[0]
         tokens = self.pre_norm(tokens + self.pre_dropout(attended))
         return query.scatter(1, index, tokens)
 
@@ -141,10 +184,15 @@ class SalientDeformableEncoder(nn.Module):
     """Deformable encoder that updates only saliency-selected tokens (see the module docstring)."""
 
     def __init__(self, num_layers: int = 6, embed_dim: int = 256, level_ratios=(0.4, 0.8, 1.0, 1.0),
-                 layer_ratios=(1.0, 0.8, 0.6, 0.6, 0.4, 0.2), topk_sa: int = 100, **layer_kwargs):
+                 layer_ratios=(1.0, 0.8, 0.6, 0.6, 0.4, 0.2), topk_sa: int = 100,
+                 pre_attention_score: str = "logit_product", **layer_kwargs):
         super().__init__()
         if len(layer_ratios) != num_layers:
             raise ValueError(f"{len(layer_ratios)} layer ratios for {num_layers} encoder layers")
+        if pre_attention_score not in PRE_ATTENTION_SCORES:
+            raise ValueError(f"pre_attention_score must be one of {PRE_ATTENTION_SCORES}, got {pre_attention_score!r}")
+        # How the pre-attention ranks tokens: see pre_attention_score().
+        self.pre_attention_score = pre_attention_score
         self.level_ratios = tuple(float(r) for r in level_ratios)
         self.layer_ratios = tuple(float(r) for r in layer_ratios)
         self.layers = nn.ModuleList(SalientEncoderLayer(embed_dim=embed_dim, topk_sa=topk_sa, **layer_kwargs)
@@ -168,7 +216,8 @@ class SalientDeformableEncoder(nn.Module):
         channels = src.shape[-1]
         reference_points = encoder_reference_points(shapes, valid_ratios)
         flat_refs = reference_points.flatten(2)  # (B, S, L*2)
-        own = ~padding_mask.gather(1, selection.indices)  # padded fillers are computed, never written back
+        filler = padding_mask.gather(1, selection.indices)  # padded fillers are computed, never written back
+        own = ~filler
         output = src
         for layer, keep in zip(self.layers, selection.per_layer):
             if keep == 0:
@@ -179,10 +228,12 @@ class SalientDeformableEncoder(nn.Module):
             query_pos = pos.gather(1, expand)
             refs = flat_refs.gather(1, index[..., None].expand(-1, -1, flat_refs.shape[-1]))
             refs = refs.view(src.shape[0], keep, *reference_points.shape[2:])
-            # Focus-DETR multi-category score x saliency, raw logits multiplied as in the release.
+            # Focus-DETR multi-category score x saliency; by default raw logits multiplied, as in the release.
             with torch.no_grad():
-                rank_score = scorer(before).max(-1).values * saliency.gather(1, index)
-            query = layer.pre_attend(before, query_pos, rank_score)
+                rank_score = pre_attention_score(scorer(before), saliency.gather(1, index), self.pre_attention_score)
+            # Unpadded batches pass no mask at all: their attention runs exactly as without one.
+            fillers = filler[:, :keep] if selection.padded else None
+            query = layer.pre_attend(before, query_pos, rank_score, fillers)
             query = layer(query, query_pos, refs, value=src, spatial_shapes=shapes, value_padding_mask=padding_mask)
             query = torch.where(own[:, :keep, None], query, before)
             output = output.scatter(1, expand, query)
