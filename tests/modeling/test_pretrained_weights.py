@@ -9,7 +9,7 @@ import re
 import pytest
 import timm
 import torch
-from common import REPO, load_cfg, make_cfg
+from common import REPO, load_cfg, make_cfg, sample
 from detectron2.modeling import build_backbone, build_model
 from sdconet.utils.models import build_benchmark_model, random_weights_opts
 from timm.models.swin_transformer import checkpoint_filter_fn
@@ -166,3 +166,17 @@ def test_measuring_tools_use_random_weights_unless_told_otherwise(monkeypatch):
     assert random_weights_opts(given) == given
     monkeypatch.delenv("SDCONET_WEIGHTS", raising=False)
     assert build_benchmark_model(PAPER).backbone.patch_embed.proj.weight.shape == (96, 3, 4, 4)
+
+
+def test_paper_config_with_none_takes_a_training_step(tmp_path, monkeypatch, caplog):
+    """`none` is a real way to train: the whole paper model builds, warns once and learns."""
+    monkeypatch.setenv("SDCONET_WEIGHTS", str(tmp_path))  # empty: only "none" lets it build
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        model = build_model(load_cfg(PAPER, ["MODEL.SDCONET.SWIN.PRETRAINED", "none", "MODEL.DEVICE", "cpu"]))
+    assert sum("starts from random weights" in r.getMessage() for r in caplog.records) == 1
+    model.train()
+    losses = model([sample(128, 128, [[10, 12, 40, 30], [60, 64, 90, 100]], [0, 3])])
+    assert {"loss_class", "loss_sr", "loss_saliency"} <= losses.keys()
+    sum(losses.values()).backward()
+    grad = next(p.grad for n, p in model.backbone.named_parameters() if n.endswith("patch_embed.proj.weight"))
+    assert grad is not None and grad.abs().sum() > 0  # the randomly initialised Swin learns
