@@ -52,5 +52,9 @@ setup(
         "onnxruntime>=1.17",
         "onnxscript",
     ],
-    extras_require={"test": ["pytest>=7", "scikit-image>=0.22"]},  # skimage: reference PSNR/SSIM in tests
+    extras_require={
+        "test": ["pytest>=7", "scikit-image>=0.22"],  # skimage: reference PSNR/SSIM in tests
+        # Peers for tools/compare.py --peer and tools/train_peer.py only; sdconet never imports them.
+        "benchmark": ["ultralytics>=8.3", "transformers>=4.40"],
+    },
 )

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.env import seed_all_rng
@@ -79,3 +80,27 @@ def tiny_trainer(output_dir, *opts):
                           "SEED", 0, "OUTPUT_DIR", str(output_dir), *opts])
     seed_all_rng(cfg.SEED)
     return Trainer(cfg)
+
+
+class RememberingPeer:
+    """Returns the training boxes of an image it has seen (score 1), another image's for an unknown one:
+    scored on its own training set it must reach AP 100 if the LR <-> HR plumbing is right."""
+
+    def __init__(self, num_classes, seed, work_dir, threads, batch_size):
+        self.num_classes, self.threads, self.batch_size = num_classes, threads, batch_size
+        self.memory = {}
+
+    def train(self, images, targets, budget_seconds):
+        for image, target in zip(images, targets):
+            assert image.dtype == np.uint8 and image.shape[2] == 3
+            assert target["classes"].max(initial=0) < self.num_classes
+            self.memory[image.tobytes()] = target
+        return {"train_seconds": 0.0, "iterations": len(images)}
+
+    def predict(self, images):
+        out, seen = [], list(self.memory.values())
+        for i, image in enumerate(images):
+            target = self.memory.get(image.tobytes(), seen[i % len(seen)])  # unknown: another image's boxes
+            out.append({"boxes": target["boxes"], "classes": target["classes"],
+                        "scores": np.ones(len(target["classes"]), np.float32)})
+        return out

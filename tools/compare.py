@@ -19,8 +19,19 @@ with its 95% t interval for every run, and every run's paired difference to a re
     runs:
       dino: {config: configs/quick_schedules/dino_tiny_synthetic.yaml}
       release: {config: configs/quick_schedules/sdconet_tiny_synthetic.yaml, opts: [MODEL.SDCONET.SR.HEAD, x2_bilinear]}
+      hr: {config: configs/quick_schedules/dino_tiny_synthetic.yaml, opts: [MODEL.SDCONET.DEGRADE.SCALE, 1],
+           seeds: [0, 1]}
+      yolo: {config: configs/quick_schedules/dino_tiny_synthetic.yaml, peer: yolo11n}
 
-(flags given on the command line win; ``--run`` adds runs). Every run is ``tools/train_net.py
+Peers (benchmark extra: ``pip install -e ".[benchmark]"``) go in the same table with
+``--peer NAME KIND CONFIG [KEY VALUE ...]`` (KIND yolo11n or deformable_detr, see tools/train_peer.py:
+the config gives the data, batch and degradation the peer uses) or a spec run with ``peer: KIND``.
+A peer has no iteration schedule: it trains for ``--peer-budget-seconds`` (spec
+``peer_budget_seconds``; default ``--budget-seconds``), and starts again from scratch when
+interrupted.
+
+(flags given on the command line win; ``--run`` and ``--peer`` add runs; a run's own ``seeds`` replace
+the common ones, and differences use the seeds both runs have). Every run is ``tools/train_net.py
 --resume`` with SEED S and OUTPUT_DIR OUT/NAME/seed_S, ``--jobs`` at a time with ``--threads`` /
 ``--jobs`` threads each (OMP_NUM_THREADS), seed by seed so that the pairs complete first. A run
 with a final_metrics.json is skipped and an unfinished one continues from its last checkpoint, so
@@ -40,7 +51,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 
@@ -51,11 +62,13 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from sdconet import get_sdconet_cfg  # noqa: E402
+from sdconet.peers import PEERS  # noqa: E402
 from sdconet.utils.report import machine_info  # noqa: E402
 from sdconet.utils.stats import mean_interval, metric_value, paired_difference, read_final_metrics  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+TRAIN_PEER = os.path.join(REPO, "tools", "train_peer.py")
 RUN_RECORD = "compare_run.json"  # in each run folder: its command and wall time over all attempts
 LOG = "compare.log"  # in each run folder: train_net's stdout and stderr, appended attempt after attempt
 
@@ -70,11 +83,14 @@ METRICS = {
 
 @dataclass
 class Run:
-    """One config to compare: ``name`` (its folder under OUT), the config file and its overrides."""
+    """One config to compare: ``name`` (its folder under OUT), the config file and its overrides;
+    ``peer``: the peer detector trained instead of our model (tools/train_peer.py), "" for ours."""
 
     name: str
     config: str
     opts: List[str]
+    peer: str = ""
+    seeds: Optional[List[int]] = None  # this run's seeds when not all of --seeds (spec files only)
 
 
 @dataclass
@@ -84,7 +100,8 @@ class Job:
     run: Run
     seed: int
     folder: str
-    command: List[str]  # train_net.py's arguments
+    command: List[str]  # the script's arguments
+    script: str = TRAIN_NET
 
 
 # ------------------------------------------------------------------ command line and spec
@@ -93,6 +110,9 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--run", nargs="+", action="append", default=[], metavar=("NAME", "CONFIG"),
                         help="a run: short name, config file, then KEY VALUE overrides (repeat for each run)")
+    parser.add_argument("--peer", nargs="+", action="append", default=[], metavar=("NAME", "KIND"),
+                        help="a peer run: short name, peer kind (yolo11n, deformable_detr), config file, then "
+                             "KEY VALUE overrides of the config (repeat for each peer)")
     parser.add_argument("--spec", default="", help="yaml/json file with runs, seeds, reference, opts, budget_seconds")
     parser.add_argument("--seeds", nargs="+", type=int, help="SEED of each run's trainings (default: 0 1 2)")
     parser.add_argument("--reference", help="run the others are compared with, seed by seed (default: the first)")
@@ -104,6 +124,8 @@ def parse_args(argv=None):
     parser.add_argument("--budget-seconds", type=float,
                         help="equal training time: each run trains this many seconds (SOLVER.TIME_BUDGET_SECONDS, "
                              "data loading included, checkpoints and evaluations not), then is evaluated")
+    parser.add_argument("--peer-budget-seconds", type=float,
+                        help="training time of each peer run (default: --budget-seconds)")
     parser.add_argument("--no-train", action="store_true", help="only report the finished runs; train nothing")
     args = parser.parse_args(argv)
     try:
@@ -131,20 +153,30 @@ def resolve(args) -> None:
     if args.spec:
         with open(args.spec) as f:
             spec = yaml.safe_load(f) or {}  # json is yaml too
-        unknown = set(spec) - {"runs", "seeds", "reference", "opts", "budget_seconds"}
+        unknown = set(spec) - {"runs", "seeds", "reference", "opts", "budget_seconds", "peer_budget_seconds"}
         if unknown:
             raise ValueError(f"{args.spec}: unknown entries {sorted(unknown)}")
     runs = []
     for name, entry in (spec.get("runs") or {}).items():
         if not isinstance(entry, dict) or "config" not in entry:
             raise ValueError(f"{args.spec}: run {name!r} needs a 'config' entry")
-        runs.append(Run(str(name), str(entry["config"]), pairs(entry.get("opts") or [], f"run {name!r}")))
+        unknown = set(entry) - {"config", "opts", "peer", "seeds"}
+        if unknown:
+            raise ValueError(f"{args.spec}: run {name!r} has unknown entries {sorted(unknown)}")
+        seeds = [int(v) for v in entry["seeds"]] if entry.get("seeds") is not None else None
+        runs.append(Run(str(name), str(entry["config"]), pairs(entry.get("opts") or [], f"run {name!r}"),
+                        str(entry.get("peer") or ""), seeds))
     for values in args.run:
         if len(values) < 2:
             raise ValueError(f"--run {values[0]} needs a config file after the name")
         runs.append(Run(values[0], values[1], pairs(values[2:], f"--run {values[0]}")))
+    for values in args.peer:
+        if len(values) < 3:
+            raise ValueError(f"--peer {values[0]} needs a peer kind and a config file after the name")
+        runs.append(Run(values[0], values[2], pairs(values[3:], f"--peer {values[0]}"), values[1]))
     if not runs:
-        raise ValueError("nothing to compare: give --run NAME CONFIG [KEY VALUE ...] or a --spec with runs")
+        raise ValueError("nothing to compare: give --run NAME CONFIG [KEY VALUE ...], --peer NAME KIND CONFIG "
+                         "or a --spec with runs")
     names = [r.name for r in runs]
     for name in names:
         if names.count(name) > 1:
@@ -158,6 +190,12 @@ def resolve(args) -> None:
     args.seeds = args.seeds if args.seeds is not None else [int(s) for s in spec.get("seeds", [0, 1, 2])]
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds repeats a seed: {args.seeds}")
+    for run in runs:
+        run.seeds = run.seeds if run.seeds is not None else list(args.seeds)
+        if not run.seeds or len(set(run.seeds)) != len(run.seeds):
+            raise ValueError(f"run {run.name!r}: its seeds {run.seeds} are empty or repeat a seed")
+    # every seed any run trains, the common ones first: seed by seed, the pairs complete first
+    args.all_seeds = list(args.seeds) + sorted({s for r in runs for s in r.seeds} - set(args.seeds))
     args.reference = args.reference if args.reference is not None else str(spec.get("reference", names[0]))
     if args.reference not in names:
         raise ValueError(f"--reference {args.reference!r} is not one of the runs {names}")
@@ -166,6 +204,15 @@ def resolve(args) -> None:
     args.budget_seconds = float(budget or 0)
     if args.budget_seconds < 0:
         raise ValueError(f"--budget-seconds must be >= 0, got {args.budget_seconds:g}")
+    peer_budget = args.peer_budget_seconds if args.peer_budget_seconds is not None else spec.get("peer_budget_seconds")
+    args.peer_budget_seconds = float(peer_budget or args.budget_seconds)
+    for run in runs:
+        if run.peer and run.peer not in PEERS and ":" not in run.peer:
+            raise ValueError(f"run {run.name!r}: unknown peer {run.peer!r}; known: {sorted(PEERS)} (or module:Class)")
+    peers = [r.name for r in runs if r.peer]
+    if peers and args.peer_budget_seconds <= 0:
+        raise ValueError(f"peer runs {peers} train for a time, not a number of iterations: give "
+                         "--peer-budget-seconds (or --budget-seconds)")
     if args.jobs < 1 or args.threads < 1:
         raise ValueError("--jobs and --threads must be >= 1")
 
@@ -176,11 +223,13 @@ def make_jobs(args) -> List[Job]:
     hours later)."""
     jobs = []
     budget = ["SOLVER.TIME_BUDGET_SECONDS", repr(args.budget_seconds)] if args.budget_seconds else []
-    for seed in args.seeds:
-        for run in args.runs:
+    checked = set()
+    for seed in args.all_seeds:
+        for run in (r for r in args.runs if seed in r.seeds):
             folder = os.path.abspath(os.path.join(args.out, run.name, f"seed_{seed}"))
             opts = [*args.opts, *run.opts, "SEED", str(seed), "OUTPUT_DIR", folder, *budget]
-            if seed == args.seeds[0]:
+            if run.name not in checked:
+                checked.add(run.name)
                 try:
                     cfg = get_sdconet_cfg(run.config, opts, cpu_fallback=True)
                 except (ValueError, KeyError, AssertionError) as e:  # yacs: KeyError / AssertionError
@@ -188,7 +237,13 @@ def make_jobs(args) -> List[Job]:
                 if not cfg.DATASETS.TEST:
                     raise ValueError(f"run {run.name!r}: DATASETS.TEST is empty, so the run has no final "
                                      "evaluation to compare")
-            jobs.append(Job(run, seed, folder, ["--config-file", os.path.abspath(run.config), "--resume", *opts]))
+            if run.peer:
+                command = ["--peer", run.peer, "--config-file", os.path.abspath(run.config), "--seed", str(seed),
+                           "--budget-seconds", repr(args.peer_budget_seconds), "--output-dir", folder,
+                           *args.opts, *run.opts]
+                jobs.append(Job(run, seed, folder, command, TRAIN_PEER))
+            else:
+                jobs.append(Job(run, seed, folder, ["--config-file", os.path.abspath(run.config), "--resume", *opts]))
     return jobs
 
 
@@ -221,16 +276,16 @@ def last_line(path: str) -> str:
 
 
 def train(job: Job, threads: int) -> Dict:
-    """Run train_net.py for one job; its status, wall time and the reason when it failed."""
+    """Run train_net.py (or train_peer.py) for one job; its status, wall time and the reason when it failed."""
     os.makedirs(job.folder, exist_ok=True)
     record = read_record(job.folder)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log = os.path.join(job.folder, LOG)
     start = time.perf_counter()
     with open(log, "a") as f:
-        f.write(f"\n[compare] {shlex.join([sys.executable, TRAIN_NET, *job.command])}\n")
+        f.write(f"\n[compare] {shlex.join([sys.executable, job.script, *job.command])}\n")
         f.flush()
-        returncode = subprocess.run([sys.executable, TRAIN_NET, *job.command], stdout=f, stderr=subprocess.STDOUT,
+        returncode = subprocess.run([sys.executable, job.script, *job.command], stdout=f, stderr=subprocess.STDOUT,
                                     env=env).returncode
     wall = time.perf_counter() - start
     record = {"command": job.command, "wall_seconds": record.get("wall_seconds", 0.0) + wall,
@@ -240,7 +295,8 @@ def train(job: Job, threads: int) -> Dict:
     if returncode != 0:
         return {"status": "failed", "wall_seconds": wall, "reason": f"exit status {returncode}: {last_line(log)}"}
     if not finished(job):
-        return {"status": "failed", "wall_seconds": wall, "reason": "train_net.py wrote no final_metrics.json"}
+        return {"status": "failed", "wall_seconds": wall,
+                "reason": f"{os.path.basename(job.script)} wrote no final_metrics.json"}
     return {"status": "done", "wall_seconds": wall}
 
 
@@ -307,8 +363,8 @@ def summarize(args, outcomes: Dict[tuple, Dict]) -> Dict:
     """Per metric: each run's values by seed, their mean and interval, and the paired difference
     to the reference over the seeds both finished."""
     def values(name: str, metric: str) -> Dict[int, float]:
-        return {seed: outcomes[name, seed]["metrics"][metric] for seed in args.seeds
-                if "metrics" in outcomes[name, seed]}
+        return {seed: outcomes[name, seed]["metrics"][metric] for seed in args.all_seeds
+                if "metrics" in outcomes.get((name, seed), {})}
 
     summary = {}
     for metric, source in METRICS.items():
@@ -360,6 +416,8 @@ def markdown(report: Dict) -> str:
     runs, reference = report["runs"], report["reference"]
     names = list(runs)
     budget = f", training budget {report['budget_seconds']:g} s per run" if report["budget_seconds"] else ""
+    if report.get("peer_budget_seconds"):
+        budget += f", peers trained {report['peer_budget_seconds']:g} s each"
     m = report["machine"]
     lines = ["# Comparison over seeds", "", f"command: `{report['command']}`", "",
              f"commit {report.get('git_commit', '?')}"
@@ -369,7 +427,8 @@ def markdown(report: Dict) -> str:
              "| run | config | overrides | seeds finished |", "|---|---|---|---|"]
     for name, run in runs.items():
         done = [s for s, o in run["seeds"].items() if o["status"] in ("done", "skipped")]
-        lines.append(f"| {name} | {run['config']} | {' '.join(run['opts']) or '-'} | "
+        config = f"peer {run['peer']} on {run['config']}" if run.get("peer") else run["config"]
+        lines.append(f"| {name} | {config} | {' '.join(run['opts']) or '-'} | "
                      f"{len(done)} of {len(run['seeds'])} ({' '.join(done) or '-'}) |")
     lines += ["", "Mean ± half-width of the 95% t interval over the seeds:", "",
               "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -445,7 +504,7 @@ def main(argv=None) -> int:
         return 2
     threads = max(1, args.threads // args.jobs)
     todo = sum(not finished(j) for j in jobs)
-    print(f"[compare] {len(jobs)} trainings ({len(args.runs)} runs x {len(args.seeds)} seeds): "
+    print(f"[compare] {len(jobs)} trainings ({len(args.runs)} runs, seeds {' '.join(map(str, args.all_seeds))}): "
           f"{len(jobs) - todo} finished, {todo} to {'report as missing' if args.no_train else 'train'}; "
           f"{args.jobs} at once, {threads} threads each", flush=True)
     outcomes = run_all(jobs, args.jobs, threads, args.no_train)
@@ -457,7 +516,8 @@ def main(argv=None) -> int:
         "torch_threads": torch.get_num_threads(),
         "jobs": args.jobs, "threads": args.threads, "threads_per_run": threads,
         "seeds": args.seeds, "reference": args.reference, "budget_seconds": args.budget_seconds, "opts": args.opts,
-        "runs": {r.name: {"config": r.config, "opts": r.opts, "seeds": {}} for r in args.runs},
+        "peer_budget_seconds": args.peer_budget_seconds if any(r.peer for r in args.runs) else 0.0,
+        "runs": {r.name: {"config": r.config, "opts": r.opts, "peer": r.peer, "seeds": {}} for r in args.runs},
     }
     for job in jobs:
         outcome = outcomes[job.run.name, job.seed]

@@ -38,7 +38,8 @@ def test_spec_file_and_flags_give_the_runs(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"seeds: [3, 4]\nreference: b\nopts: [SOLVER.MAX_ITER, 4]\nbudget_seconds: 60\nruns:\n"
                     f"  a: {{config: {TINY}}}\n  b: {{config: {TINY}, opts: [SOLVER.BASE_LR, 0.001]}}\n")
-    args = tool.parse_args(["--spec", str(spec), "--out", str(tmp_path / "o"), "--run", "c", TINY, "SOLVER.AMP.ENABLED", "True"])
+    args = tool.parse_args(["--spec", str(spec), "--out", str(tmp_path / "o"),
+                            "--run", "c", TINY, "SOLVER.AMP.ENABLED", "True"])
     assert [(r.name, r.opts) for r in args.runs] == [("a", []), ("b", ["SOLVER.BASE_LR", "0.001"]),
                                                       ("c", ["SOLVER.AMP.ENABLED", "True"])]
     assert (args.seeds, args.reference, args.opts, args.budget_seconds) == ([3, 4], "b", ["SOLVER.MAX_ITER", "4"], 60.0)
@@ -52,6 +53,7 @@ def test_spec_file_and_flags_give_the_runs(tmp_path):
     (["--run", "a", TINY, "SEED", "3"], "SEED is set by compare.py"),
     (["--run", "a", TINY, "--reference", "b"], "--reference 'b' is not one of the runs"),
     (["--run", "a", "nowhere.yaml"], "config file nowhere.yaml does not exist"),
+    (["--peer", "a", "retinanet", TINY, "--peer-budget-seconds", "9"], "unknown peer 'retinanet'"),
 ])
 def test_bad_command_lines_are_refused(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
@@ -147,3 +149,40 @@ def test_compare_picks_up_after_stop_crash_and_failure(synthetic_root, tmp_path,
     table = (out / "compare.md").read_text()
     assert "| AP |" in table and "lr2 - base" in table
     assert (out / "plots" / "AP.png").is_file() and not (out / "plots" / "PSNR_SR.png").exists()
+
+
+def test_a_peer_run_goes_through_train_peer_into_the_table(synthetic_root, tmp_path, monkeypatch, capsys):
+    """--peer runs tools/train_peer.py with the peer budget; its AP lands in the same report, and a
+    second call skips it. (common.RememberingPeer scores 100 on its own training set.)"""
+    monkeypatch.setenv("SDCONET_DATASETS", synthetic_root)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "cmp"
+    command = ["--peer", "mem", "common:RememberingPeer", TINY, "DATASETS.TEST", "('synthetic_rs_train',)",
+               "--seeds", "0", "--peer-budget-seconds", "7", "--out", str(out), "--threads", "1"]
+    assert tool.main(command) == 0
+    printed = capsys.readouterr().out
+    assert progress(printed, "mem", 0) == "done"
+    assert final_ap(out / "mem" / "seed_0") == pytest.approx(100.0)
+    log = (out / "mem" / "seed_0" / "compare.log").read_text()
+    assert "train_peer.py --peer common:RememberingPeer" in log and "--budget-seconds 7.0" in log
+    assert "| mem | peer common:RememberingPeer on " in (out / "compare.md").read_text()
+    assert tool.main(command) == 0
+    assert progress(capsys.readouterr().out, "mem", 0) == "skipped"
+
+
+def test_a_peer_needs_a_training_time(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--peer", "y", "yolo11n", TINY, "--out", str(tmp_path)])
+    assert "--peer-budget-seconds" in capsys.readouterr().err
+
+
+def test_a_run_of_the_spec_can_have_its_own_seeds(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"seeds: [0, 1, 2]\nruns:\n  a: {{config: {TINY}}}\n  b: {{config: {TINY}, seeds: [1, 5]}}\n")
+    args = tool.parse_args(["--spec", str(spec), "--out", str(tmp_path / "o")])
+    assert [(j.run.name, j.seed) for j in tool.make_jobs(args)] == \
+        [("a", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 5)]
+    spec.write_text(f"runs:\n  a: {{config: {TINY}, seed: [1]}}\n")
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--spec", str(spec), "--out", str(tmp_path / "o")])
