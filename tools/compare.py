@@ -127,6 +127,8 @@ def parse_args(argv=None):
     parser.add_argument("--peer-budget-seconds", type=float,
                         help="training time of each peer run (default: --budget-seconds)")
     parser.add_argument("--no-train", action="store_true", help="only report the finished runs; train nothing")
+    parser.add_argument("--only", nargs="+", default=[], metavar="NAME",
+                        help="train only these runs now; the others are reported if finished, else missing")
     args = parser.parse_args(argv)
     try:
         resolve(args)
@@ -215,6 +217,9 @@ def resolve(args) -> None:
                          "--peer-budget-seconds (or --budget-seconds)")
     if args.jobs < 1 or args.threads < 1:
         raise ValueError("--jobs and --threads must be >= 1")
+    unknown = sorted(set(args.only) - set(names))
+    if unknown:
+        raise ValueError(f"--only names {unknown}, which are not runs: {names}")
 
 
 # ------------------------------------------------------------------ the trainings
@@ -327,12 +332,13 @@ def progress(job: Job, status: str, seconds: float, detail: str = "") -> None:
     print(f"[compare] {job.run.name:<16} seed {job.seed:<4} {status:<8} {wall}  {detail}".rstrip(), flush=True)
 
 
-def run_all(jobs: Sequence[Job], jobs_at_once: int, threads: int, no_train: bool) -> Dict[tuple, Dict]:
-    """Every job's outcome by (name, seed): skipped, done or failed (or missing with --no-train)."""
+def run_all(jobs: Sequence[Job], jobs_at_once: int, threads: int, no_train) -> Dict[tuple, Dict]:
+    """Every job's outcome by (name, seed): skipped, done or failed, or missing for a job ``no_train``
+    says not to train (a bool, or a function of the job)."""
     outcomes, lock = {}, threading.Lock()
 
     def one(job: Job):
-        if finished(job) or no_train:
+        if finished(job) or (no_train(job) if callable(no_train) else no_train):
             status = "skipped" if finished(job) else "missing"
             outcome = {"status": status, "wall_seconds": float(read_record(job.folder).get("wall_seconds", math.nan))}
         else:
@@ -503,11 +509,14 @@ def main(argv=None) -> int:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
     threads = max(1, args.threads // args.jobs)
-    todo = sum(not finished(j) for j in jobs)
+    def no_train(job: Job) -> bool:
+        return args.no_train or bool(args.only and job.run.name not in args.only)
+
+    todo = sum(not finished(j) and not no_train(j) for j in jobs)
     print(f"[compare] {len(jobs)} trainings ({len(args.runs)} runs, seeds {' '.join(map(str, args.all_seeds))}): "
-          f"{len(jobs) - todo} finished, {todo} to {'report as missing' if args.no_train else 'train'}; "
+          f"{sum(map(finished, jobs))} finished, {todo} to train; "
           f"{args.jobs} at once, {threads} threads each", flush=True)
-    outcomes = run_all(jobs, args.jobs, threads, args.no_train)
+    outcomes = run_all(jobs, args.jobs, threads, no_train)
 
     report = {
         "command": shlex.join(["python", os.path.relpath(os.path.abspath(__file__)), *argv]),

@@ -152,23 +152,27 @@ def test_compare_picks_up_after_stop_crash_and_failure(synthetic_root, tmp_path,
 
 
 def test_a_peer_run_goes_through_train_peer_into_the_table(synthetic_root, tmp_path, monkeypatch, capsys):
-    """--peer runs tools/train_peer.py with the peer budget; its AP lands in the same report, and a
-    second call skips it. (common.RememberingPeer scores 100 on its own training set.)"""
+    """--peer runs tools/train_peer.py with the peer budget; its AP lands in the same report; --only
+    leaves the other runs for a later call, which skips the finished one. (common.RememberingPeer
+    scores 100 on its own training set.)"""
     monkeypatch.setenv("SDCONET_DATASETS", synthetic_root)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
                                                       os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "cmp"
     command = ["--peer", "mem", "common:RememberingPeer", TINY, "DATASETS.TEST", "('synthetic_rs_train',)",
+               "--peer", "other", "common:RememberingPeer", TINY,
                "--seeds", "0", "--peer-budget-seconds", "7", "--out", str(out), "--threads", "1"]
-    assert tool.main(command) == 0
+    assert tool.main([*command, "--only", "mem"]) == 0  # --only: "other" is left for later
     printed = capsys.readouterr().out
-    assert progress(printed, "mem", 0) == "done"
+    assert (progress(printed, "mem", 0), progress(printed, "other", 0)) == ("done", "missing")
+    assert not (out / "other").exists()
     assert final_ap(out / "mem" / "seed_0") == pytest.approx(100.0)
     log = (out / "mem" / "seed_0" / "compare.log").read_text()
     assert "train_peer.py --peer common:RememberingPeer" in log and "--budget-seconds 7.0" in log
     assert "| mem | peer common:RememberingPeer on " in (out / "compare.md").read_text()
     assert tool.main(command) == 0
-    assert progress(capsys.readouterr().out, "mem", 0) == "skipped"
+    printed = capsys.readouterr().out
+    assert (progress(printed, "mem", 0), progress(printed, "other", 0)) == ("skipped", "done")
 
 
 def test_a_peer_needs_a_training_time(tmp_path, capsys):
