@@ -5,7 +5,7 @@ import math
 import os
 
 import pytest
-from common import TINY, load_tool
+from common import REPO, TINY, load_tool
 from scipy import stats
 from sdconet.utils.stats import mean_interval, paired_difference
 
@@ -190,3 +190,11 @@ def test_a_run_of_the_spec_can_have_its_own_seeds(tmp_path):
     spec.write_text(f"runs:\n  a: {{config: {TINY}, seed: [1]}}\n")
     with pytest.raises(SystemExit):
         tool.parse_args(["--spec", str(spec), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("spec", sorted((REPO / "configs" / "compare").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_specs_in_the_repository_build_every_run(spec, tmp_path):
+    args = tool.parse_args(["--spec", str(spec), "--out", str(tmp_path)])
+    jobs = tool.make_jobs(args)  # builds every run's config: a wrong key fails here
+    assert {j.run.name for j in jobs} == {r.name for r in args.runs}
+    assert all(len(r.seeds) >= 3 for r in args.runs)

@@ -239,7 +239,8 @@ def add_sdconet_config(cfg):
     # Input pixels are read as BGR like detectron2; mean/std below are ImageNet's, in BGR order.
     _C.MODEL.PIXEL_MEAN = [103.53, 116.28, 123.675]
     _C.MODEL.PIXEL_STD = [57.375, 57.12, 58.395]
-    # Random flips and 90-degree rotations at training time (remote-sensing standard).
+    # Training augmentations: random flips and 90-degree rotations (remote-sensing standard), then the
+    # optional scale / photometric jitter and mosaic (all off by default: the release trains with flips only).
     _C.INPUT.SDCONET = CN()
     # Probability of a horizontal flip.
     _C.INPUT.SDCONET.HFLIP_PROB = 0.5
@@ -247,6 +248,21 @@ def add_sdconet_config(cfg):
     _C.INPUT.SDCONET.VFLIP_PROB = 0.0
     # Apply a random multiple of 90 degrees rotation (square tiles keep their size).
     _C.INPUT.SDCONET.ROT90 = False
+    # Large-scale jitter (sdconet/data/augmentations.py): resize by a random factor in (low, high),
+    # aspect kept, then crop a random tile-sized window (factor > 1) or pad on the right and bottom
+    # with black, value 0 (factor < 1): the output keeps the tile size. Boxes cut by the crop are
+    # clipped, those left under MIN_BOX_SIZE dropped. (1.0, 1.0) = off; e.g. (0.5, 1.5).
+    _C.INPUT.SDCONET.SCALE_JITTER = (1.0, 1.0)
+    # Photometric jitter, applied before the scale jitter (padding stays black); boxes are unchanged.
+    # Largest relative brightness change v: pixels times a factor in [1 - v, 1 + v]; 0 = off, e.g. 0.3.
+    _C.INPUT.SDCONET.BRIGHTNESS = 0.0
+    # Largest relative contrast change: blend with the image's mean by a factor in [1 - v, 1 + v]; 0 = off.
+    _C.INPUT.SDCONET.CONTRAST = 0.0
+    # Largest relative saturation change: blend with the gray image by a factor in [1 - v, 1 + v]; 0 = off.
+    _C.INPUT.SDCONET.SATURATION = 0.0
+    # Largest hue shift, as a fraction of the hue circle (0.5 = 180 degrees; 8-bit OpenCV HSV, so in
+    # steps of 1/180); 0 = off, e.g. 0.015.
+    _C.INPUT.SDCONET.HUE = 0.0
     # Boxes narrower or shorter than this (HR pixels, after clipping) are dropped and counted.
     _C.INPUT.SDCONET.MIN_BOX_SIZE = 1.0
     # Reading of multi-band / 12-16-bit imagery (sdconet/data/image_io.py), the same in training,
@@ -264,6 +280,15 @@ def add_sdconet_config(cfg):
     # Value shown as 255 by "max" scaling (an integer); 0 = the data type's maximum (65535 for
     # 16-bit, 1.0 for float data). E.g. 4095 for 12-bit data stored in 16-bit files.
     _C.INPUT.SDCONET.MAX_VALUE = 0
+    # Mosaic (sdconet/data/mosaic.py): probability that a training sample becomes a 2x2 mosaic of
+    # its tile and three random ones around a random centre, on a canvas of the tile's size. Tiles
+    # are cropped at full resolution, not shrunk (tiny objects keep their size); boxes are clipped
+    # to their corner, those left under MIN_BOX_SIZE dropped. The flips, rotations and jitter above
+    # follow. 0 = off; e.g. 0.5-1.0 for training from scratch.
+    _C.INPUT.SDCONET.MOSAIC_PROB = 0.0
+    # Fraction of SOLVER.MAX_ITER at the end of training without mosaics (whole tiles, as at test
+    # time): none from iteration MAX_ITER - round(MAX_ITER x this) on. 0 = mosaics to the end; e.g. 0.1.
+    _C.INPUT.SDCONET.MOSAIC_OFF_LAST = 0.0
 
     # ---------------------------------------------------------------- evaluation
     _C.TEST.SDCONET = CN()

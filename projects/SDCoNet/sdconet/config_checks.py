@@ -30,6 +30,8 @@ def pair(ok: Callable[[float, float], bool], why: str) -> Rule:
 PROBABILITY = Rule(lambda v: 0.0 <= v <= 1.0, "is a probability and must lie in [0, 1]")
 DTYPES = one_of("bfloat16", "float16")
 NON_NEGATIVE_RANGE = pair(lambda lo, hi: 0 <= lo <= hi, "must be (low, high) with 0 <= low <= high")
+JITTER = Rule(lambda v: 0.0 <= v <= 1.0, "is a largest relative change (factor in [1 - v, 1 + v]) and must lie "
+              "in [0, 1] (0 = off)")
 
 RULES = {
     "MODEL.SDCONET.NUM_CLASSES": at_least(1),
@@ -61,6 +63,13 @@ RULES = {
     "SOLVER.OPTIMIZER": one_of("ADAMW", "SGD"),
     "INPUT.SDCONET.HFLIP_PROB": PROBABILITY,
     "INPUT.SDCONET.VFLIP_PROB": PROBABILITY,
+    "INPUT.SDCONET.SCALE_JITTER": pair(lambda lo, hi: 0 < lo <= hi, "must be (low, high) scale factors with "
+                                       "0 < low <= high; (1.0, 1.0) = off"),
+    "INPUT.SDCONET.BRIGHTNESS": JITTER,
+    "INPUT.SDCONET.CONTRAST": JITTER,
+    "INPUT.SDCONET.SATURATION": JITTER,
+    "INPUT.SDCONET.HUE": Rule(lambda v: 0.0 <= v <= 0.5, "is a fraction of the hue circle and must lie in "
+                              "[0, 0.5] (0 = off)"),
     "INPUT.SDCONET.BANDS": Rule(lambda v: len(v) in (0, 1, 3) and all(isinstance(b, int) and b >= 1 for b in v),
                                 "needs 3 band numbers (R, G, B) or 1 (gray), each >= 1 (bands count from 1), "
                                 "or () for the first three"),
@@ -68,6 +77,9 @@ RULES = {
     "INPUT.SDCONET.PERCENTILES": pair(lambda lo, hi: 0.0 <= lo < hi <= 100.0,
                                       "must be (low, high) with 0 <= low < high <= 100"),
     "INPUT.SDCONET.MAX_VALUE": Rule(lambda v: v >= 0, "must be >= 0 (0 = the data type's maximum)"),
+    "INPUT.SDCONET.MOSAIC_PROB": PROBABILITY,
+    "INPUT.SDCONET.MOSAIC_OFF_LAST": Rule(lambda v: 0.0 <= v <= 1.0, "is a fraction of SOLVER.MAX_ITER and must "
+                                          "lie in [0, 1] (0 = mosaics to the end)"),
     "SOLVER.BASE_LR": at_least(0),
     "SOLVER.MAX_ITER": at_least(1),
     "SOLVER.IMS_PER_BATCH": at_least(1),

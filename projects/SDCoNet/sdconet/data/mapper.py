@@ -16,6 +16,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.logger import log_every_n_seconds
 
+from .augmentations import build_jitter_augmentations
 from .image_io import read_image_any, read_options, to_uint8  # noqa: F401  (read_image_any, to_uint8: public here too)
 
 logger = logging.getLogger(__name__)
@@ -84,12 +85,18 @@ class SDCoNetDatasetMapper:
                 augs.append(T.RandomFlip(aug_cfg.VFLIP_PROB, horizontal=False, vertical=True))
             if aug_cfg.ROT90:
                 augs.append(RandomRot90())
+            augs.extend(build_jitter_augmentations(cfg))  # scale / photometric jitter, off by default
         return {"is_train": is_train, "augmentations": augs, "image_format": cfg.INPUT.FORMAT,
                 "min_box_size": cfg.INPUT.SDCONET.MIN_BOX_SIZE, "read_options": read_options(cfg)}
 
     def __call__(self, dataset_dict):
-        dataset_dict = copy.deepcopy(dataset_dict)
         image = read_image_any(dataset_dict["file_name"], format=self.image_format, **self.read_options)
+        return self.map_image(dataset_dict, image)
+
+    def map_image(self, dataset_dict, image):
+        """Map a record whose image is already in memory (HxWx3 in INPUT.FORMAT), e.g. a mosaic
+        (:mod:`.mosaic`): the augmentations and box handling of a tile read from its file."""
+        dataset_dict = copy.deepcopy(dataset_dict)
         utils.check_image_size(dataset_dict, image)
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)

@@ -27,6 +27,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data.dataset_checks import check_num_classes, training_dataset_dicts
 from ..data.mapper import SDCoNetDatasetMapper
+from ..data.mosaic import MosaicDataset
 from ..evaluation import SRQualityEvaluator, SmallObjectCOCOEvaluator
 from .checkpoint import AtomicDetectionCheckpointer
 from .ema import ModelEMA
@@ -124,16 +125,21 @@ class ResumableTrainingSampler(TrainingSampler):
     """detectron2's infinite shuffled sampler that can skip what earlier iterations consumed, so
     a resumed run sees the same images in the same order as an uninterrupted one.
 
-    ``skip`` counts this rank's samples (iterations done x images per rank).
+    ``skip`` counts this rank's samples (iterations done x images per rank). With ``with_positions``
+    it yields ``(index, position)``, ``position`` being the sample's place in the stream all ranks
+    share (``skip`` included), so ``position // SOLVER.IMS_PER_BATCH`` is the iteration that uses
+    it, known in loader workers too (``MosaicDataset`` in data/mosaic.py needs it).
     """
 
-    def __init__(self, size: int, shuffle: bool = True, seed=None):
+    def __init__(self, size: int, shuffle: bool = True, seed=None, with_positions: bool = False):
         super().__init__(size, shuffle=shuffle, seed=seed)
         self.skip = 0
+        self.with_positions = with_positions
 
     def __iter__(self):
         start = self._rank + self.skip * self._world_size
-        yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
+        indices = itertools.islice(self._infinite_indices(), start, None, self._world_size)
+        yield from zip(indices, itertools.count(start, self._world_size)) if self.with_positions else indices
 
 
 class Trainer(GradientRoutingTrainer):
@@ -155,7 +161,7 @@ class Trainer(GradientRoutingTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         dataset = training_dataset_dicts(cfg)  # an error when they hold no annotation at all
-        sampler = ResumableTrainingSampler(len(dataset), seed=cfg.SEED if cfg.SEED >= 0 else None)
+        sampler = self.build_train_sampler(cfg, len(dataset))
         data_loader = self.build_train_loader(cfg, dataset=dataset, sampler=sampler)
         model = wrap_ddp(model)  # DDP broadcasts rank 0's weights: the EMA must start from them
         ema = ModelEMA(unwrap(model), cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
@@ -251,10 +257,34 @@ class Trainer(GradientRoutingTrainer):
         return build_sdconet_optimizer(cfg, model)
 
     @classmethod
+    def build_train_sampler(cls, cfg, size: int) -> ResumableTrainingSampler:
+        """The resumable sampler over ``size`` records, seeded by SEED; it yields sample positions too
+        when the mosaic needs them (INPUT.SDCONET.MOSAIC_PROB > 0)."""
+        return ResumableTrainingSampler(size, seed=cfg.SEED if cfg.SEED >= 0 else None,
+                                        with_positions=cfg.INPUT.SDCONET.MOSAIC_PROB > 0)
+
+    @classmethod
     def build_train_loader(cls, cfg, dataset=None, sampler=None):
-        """detectron2's loader with our mapper, then NUM_CLASSES checked against every dataset's classes."""
-        kwargs = {"dataset": dataset, "sampler": sampler} if dataset is not None else {}
-        loader = build_detection_train_loader(cfg, mapper=SDCoNetDatasetMapper(cfg, is_train=True), **kwargs)
+        """detectron2's loader with our mapper, then NUM_CLASSES checked against every dataset's classes.
+
+        With INPUT.SDCONET.MOSAIC_PROB > 0 the records and the mapper go into a :class:`MosaicDataset`,
+        which maps its samples itself (no mapper for the loader) and reads each sample's iteration from
+        the position the sampler yields with it.
+        """
+        mapper = SDCoNetDatasetMapper(cfg, is_train=True)
+        if cfg.INPUT.SDCONET.MOSAIC_PROB > 0:
+            dataset = training_dataset_dicts(cfg) if dataset is None else dataset
+            sampler = cls.build_train_sampler(cfg, len(dataset)) if sampler is None else sampler
+            if not getattr(sampler, "with_positions", False):
+                raise ValueError("INPUT.SDCONET.MOSAIC_PROB > 0 needs a sampler that yields sample positions: "
+                                 "Trainer.build_train_sampler(cfg, len(dataset))")
+            loader = build_detection_train_loader(  # without cfg: a None mapper would become detectron2's
+                MosaicDataset(cfg, dataset, mapper, seed=sampler._seed), mapper=None, sampler=sampler,
+                total_batch_size=cfg.SOLVER.IMS_PER_BATCH, aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+                num_workers=cfg.DATALOADER.NUM_WORKERS)
+        else:
+            kwargs = {"dataset": dataset, "sampler": sampler} if dataset is not None else {}
+            loader = build_detection_train_loader(cfg, mapper=mapper, **kwargs)
         check_num_classes(cfg, cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
         check_num_classes(cfg, cfg.DATASETS.TEST, "DATASETS.TEST")  # before training, not at its end
         return loader
