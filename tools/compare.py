@@ -30,9 +30,9 @@ A peer has no iteration schedule: it trains for ``--peer-budget-seconds`` (spec
 ``peer_budget_seconds``; default ``--budget-seconds``), and starts again from scratch when
 interrupted.
 
-(flags given on the command line win; ``--run`` and ``--peer`` add runs; a run's own ``seeds`` replace
-the common ones, and differences use the seeds both runs have). Every run is ``tools/train_net.py
---resume`` with SEED S and OUTPUT_DIR OUT/NAME/seed_S, ``--jobs`` at a time with ``--threads`` /
+(flags given on the command line win; ``--run`` and ``--peer`` add runs; a run's own ``seeds`` and
+``budget_seconds`` replace the common ones, and differences use the seeds both runs have). Every
+run is ``tools/train_net.py --resume`` with SEED S and OUTPUT_DIR OUT/NAME/seed_S, ``--jobs`` at a time with ``--threads`` /
 ``--jobs`` threads each (OMP_NUM_THREADS), seed by seed so that the pairs complete first. A run
 with a final_metrics.json is skipped and an unfinished one continues from its last checkpoint, so
 the same command picks up after a crash or a stop. ``--budget-seconds`` gives every run the same
@@ -91,6 +91,7 @@ class Run:
     opts: List[str]
     peer: str = ""
     seeds: Optional[List[int]] = None  # this run's seeds when not all of --seeds (spec files only)
+    budget_seconds: Optional[float] = None  # this run's training time when not the common one (spec files only)
 
 
 @dataclass
@@ -162,12 +163,15 @@ def resolve(args) -> None:
     for name, entry in (spec.get("runs") or {}).items():
         if not isinstance(entry, dict) or "config" not in entry:
             raise ValueError(f"{args.spec}: run {name!r} needs a 'config' entry")
-        unknown = set(entry) - {"config", "opts", "peer", "seeds"}
+        unknown = set(entry) - {"config", "opts", "peer", "seeds", "budget_seconds"}
         if unknown:
             raise ValueError(f"{args.spec}: run {name!r} has unknown entries {sorted(unknown)}")
         seeds = [int(v) for v in entry["seeds"]] if entry.get("seeds") is not None else None
+        budget = float(entry["budget_seconds"]) if entry.get("budget_seconds") is not None else None
+        if budget is not None and budget <= 0:
+            raise ValueError(f"{args.spec}: run {name!r}: budget_seconds must be > 0, got {budget:g}")
         runs.append(Run(str(name), str(entry["config"]), pairs(entry.get("opts") or [], f"run {name!r}"),
-                        str(entry.get("peer") or ""), seeds))
+                        str(entry.get("peer") or ""), seeds, budget))
     for values in args.run:
         if len(values) < 2:
             raise ValueError(f"--run {values[0]} needs a config file after the name")
@@ -211,7 +215,7 @@ def resolve(args) -> None:
     for run in runs:
         if run.peer and run.peer not in PEERS and ":" not in run.peer:
             raise ValueError(f"run {run.name!r}: unknown peer {run.peer!r}; known: {sorted(PEERS)} (or module:Class)")
-    peers = [r.name for r in runs if r.peer]
+    peers = [r.name for r in runs if r.peer and r.budget_seconds is None]
     if peers and args.peer_budget_seconds <= 0:
         raise ValueError(f"peer runs {peers} train for a time, not a number of iterations: give "
                          "--peer-budget-seconds (or --budget-seconds)")
@@ -227,11 +231,12 @@ def make_jobs(args) -> List[Job]:
     """Seed by seed, every run; each checked by building its config (a bad key fails here, not
     hours later)."""
     jobs = []
-    budget = ["SOLVER.TIME_BUDGET_SECONDS", repr(args.budget_seconds)] if args.budget_seconds else []
     checked = set()
     for seed in args.all_seeds:
         for run in (r for r in args.runs if seed in r.seeds):
             folder = os.path.abspath(os.path.join(args.out, run.name, f"seed_{seed}"))
+            seconds = run.budget_seconds if run.budget_seconds is not None else args.budget_seconds
+            budget = ["SOLVER.TIME_BUDGET_SECONDS", repr(seconds)] if seconds else []
             opts = [*args.opts, *run.opts, "SEED", str(seed), "OUTPUT_DIR", folder, *budget]
             if run.name not in checked:
                 checked.add(run.name)
@@ -244,7 +249,8 @@ def make_jobs(args) -> List[Job]:
                                      "evaluation to compare")
             if run.peer:
                 command = ["--peer", run.peer, "--config-file", os.path.abspath(run.config), "--seed", str(seed),
-                           "--budget-seconds", repr(args.peer_budget_seconds), "--output-dir", folder,
+                           "--budget-seconds", repr(run.budget_seconds or args.peer_budget_seconds),
+                           "--output-dir", folder,
                            *args.opts, *run.opts]
                 jobs.append(Job(run, seed, folder, command, TRAIN_PEER))
             else:
@@ -434,6 +440,8 @@ def markdown(report: Dict) -> str:
     for name, run in runs.items():
         done = [s for s, o in run["seeds"].items() if o["status"] in ("done", "skipped")]
         config = f"peer {run['peer']} on {run['config']}" if run.get("peer") else run["config"]
+        if run.get("budget_seconds"):
+            config += f" ({run['budget_seconds']:g} s)"
         lines.append(f"| {name} | {config} | {' '.join(run['opts']) or '-'} | "
                      f"{len(done)} of {len(run['seeds'])} ({' '.join(done) or '-'}) |")
     lines += ["", "Mean ± half-width of the 95% t interval over the seeds:", "",
@@ -526,7 +534,8 @@ def main(argv=None) -> int:
         "jobs": args.jobs, "threads": args.threads, "threads_per_run": threads,
         "seeds": args.seeds, "reference": args.reference, "budget_seconds": args.budget_seconds, "opts": args.opts,
         "peer_budget_seconds": args.peer_budget_seconds if any(r.peer for r in args.runs) else 0.0,
-        "runs": {r.name: {"config": r.config, "opts": r.opts, "peer": r.peer, "seeds": {}} for r in args.runs},
+        "runs": {r.name: {"config": r.config, "opts": r.opts, "peer": r.peer, "budget_seconds": r.budget_seconds,
+                          "seeds": {}} for r in args.runs},
     }
     for job in jobs:
         outcome = outcomes[job.run.name, job.seed]

@@ -198,3 +198,15 @@ def test_the_specs_in_the_repository_build_every_run(spec, tmp_path):
     jobs = tool.make_jobs(args)  # builds every run's config: a wrong key fails here
     assert {j.run.name for j in jobs} == {r.name for r in args.runs}
     assert all(len(r.seeds) >= 3 for r in args.runs)
+
+
+def test_a_run_of_the_spec_can_have_its_own_budget(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"seeds: [0]\npeer_budget_seconds: 100\nruns:\n  a: {{config: {TINY}}}\n"
+                    f"  b: {{config: {TINY}, budget_seconds: 30}}\n  y: {{config: {TINY}, peer: yolo11n}}\n"
+                    f"  y50: {{config: {TINY}, peer: yolo11n, budget_seconds: 50}}\n")
+    jobs = {j.run.name: j.command for j in tool.make_jobs(tool.parse_args(["--spec", str(spec), "--out", str(tmp_path)]))}
+    assert "SOLVER.TIME_BUDGET_SECONDS" not in jobs["a"]
+    assert jobs["b"][jobs["b"].index("SOLVER.TIME_BUDGET_SECONDS") + 1] == "30.0"
+    assert jobs["y"][jobs["y"].index("--budget-seconds") + 1] == "100.0"
+    assert jobs["y50"][jobs["y50"].index("--budget-seconds") + 1] == "50.0"
