@@ -55,11 +55,7 @@ def to_uint8(image: np.ndarray, scaling: str = "percentile", percentiles: Sequen
     is_float = np.issubdtype(image.dtype, np.floating)
     if image.dtype == bool:
         image = image.astype(np.uint8)
-    invalid = None
-    if is_float or nodata is not None:
-        invalid = ~np.isfinite(image) if is_float else np.zeros(image.shape, bool)
-        if nodata is not None and np.isfinite(nodata):
-            invalid |= image == nodata
+    invalid = invalid_mask(image, nodata)
     if scaling == "max":
         low = 0.0
         high = float(max_value) or (1.0 if is_float else float(np.iinfo(image.dtype).max))
@@ -68,13 +64,33 @@ def to_uint8(image: np.ndarray, scaling: str = "percentile", percentiles: Sequen
         low, high = (float(v) for v in np.percentile(valid, percentiles)) if valid.size else (0.0, 0.0)
     if not high > low:  # a flat image: its value becomes 0
         high = low + 1.0
+    return stretch_bands(image, low, high, invalid, axis=2)
+
+
+def invalid_mask(image: np.ndarray, nodata: Optional[float]) -> Optional[np.ndarray]:
+    """Pixels left out of the stretch (they become 0): non-finite floats and ``nodata``; None: none."""
+    is_float = np.issubdtype(image.dtype, np.floating)
+    if not (is_float or nodata is not None):
+        return None
+    invalid = ~np.isfinite(image) if is_float else np.zeros(image.shape, bool)
+    if nodata is not None and np.isfinite(nodata):
+        invalid |= image == nodata
+    return invalid
+
+
+def stretch_bands(image: np.ndarray, low: float, high: float, invalid: Optional[np.ndarray] = None,
+                  axis: int = 2) -> np.ndarray:
+    """Map ``low``..``high`` to 0..255 as uint8, ``invalid`` pixels to 0, band by band along ``axis``
+    (float temporaries of one band only). Shared by :func:`to_uint8` and the windowed scene reader,
+    so a tile read by window has the pixels of the same slice of the whole image."""
     scale = np.float32(255.0 / (high - low))
     out = np.empty(image.shape, np.uint8)
-    for c in range(image.shape[2]):  # band by band: float temporaries of one band only
-        band = (image[:, :, c].astype(np.float32) - np.float32(low)) * scale
+    for c in range(image.shape[axis]):
+        index = (slice(None),) * axis + (c,)
+        band = (image[index].astype(np.float32) - np.float32(low)) * scale
         if invalid is not None:
-            band[invalid[:, :, c]] = 0.0
-        out[:, :, c] = np.clip(np.rint(band), 0, 255)
+            band[invalid[index]] = 0.0
+        out[index] = np.clip(np.rint(band), 0, 255)
     return out
 
 

@@ -19,11 +19,14 @@ def read_georeference(path: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
-                if src.crs is None:
-                    return None
-                return src.transform, src.crs
+                return dataset_georeference(src)
     except RasterioIOError:
         return None
+
+
+def dataset_georeference(src):
+    """(affine transform, CRS) of an open rasterio dataset, or ``None`` when it has no CRS."""
+    return None if src.crs is None else (src.transform, src.crs)
 
 
 def _crs_member(crs) -> dict:

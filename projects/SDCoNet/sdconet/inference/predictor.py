@@ -71,8 +71,9 @@ class Predictor:
         return image
 
     @torch.no_grad()
-    def _run(self, images: Sequence[torch.Tensor], score_thresh: float):
-        """Detections (boxes, scores, classes) on CPU, in each image's pixels, above the threshold."""
+    def predict_tiles(self, images: Sequence[torch.Tensor], score_thresh: float):
+        """Detections (boxes, scores, classes) on CPU, in each image's pixels, above the threshold, for a
+        batch of CHW uint8 BGR tensors (what the tiled and windowed scene paths feed)."""
         inputs = [{"image": im, "height": im.shape[1], "width": im.shape[2]} for im in images]
         outputs = []
         for out in self.model(inputs):
@@ -84,7 +85,7 @@ class Predictor:
     def __call__(self, image: ImageLike) -> Instances:
         """Detect on one image as a whole; returns ``Instances`` (pred_boxes, scores, pred_classes) in its pixels."""
         image = self._as_image(image)
-        boxes, scores, classes = self._run([torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))],
+        boxes, scores, classes = self.predict_tiles([torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))],
                                           self.score_thresh)[0]
         return _instances(image.shape[:2], boxes, scores, classes)
 
@@ -108,7 +109,7 @@ class Predictor:
         with tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
             for start in range(0, len(tiles), batch):
                 chunk = tiles[start:start + batch]
-                per_tile.extend(self._run([read_tile(image, t) for t in chunk], thresh))
+                per_tile.extend(self.predict_tiles([read_tile(image, t) for t in chunk], thresh))
                 bar.update(len(chunk))
         boxes, scores, classes = merge_tile_detections(per_tile, tiles, nms_iou)
         return _instances((height, width), boxes, scores, classes)
