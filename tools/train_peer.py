@@ -34,7 +34,7 @@ from detectron2.utils.logger import setup_logger
 from sdconet import get_sdconet_cfg
 from sdconet.data.image_io import read_image_any, read_options
 from sdconet.engine.trainer import Trainer
-from sdconet.modeling.degradation import Degradation
+from sdconet.modeling.degradation import Degradation, build_degradation
 from sdconet.peers import PEERS, peer_class
 
 logger = logging.getLogger("sdconet.train_peer")
@@ -69,8 +69,7 @@ def load_peer(name: str):
 
 def degradation_of(cfg) -> Degradation:
     """The model's degradation, on 0-255 pixels (noise std is in pixel units there already)."""
-    d = cfg.MODEL.SDCONET.DEGRADE
-    return Degradation(d.SCALE, d.MODE, tuple(d.BLUR_SIGMA), tuple(d.NOISE_STD), (1.0, 1.0, 1.0), d.SEED)
+    return build_degradation(cfg, pixel_std=(1.0, 1.0, 1.0))
 
 
 def lr_image(hr: np.ndarray, degradation: Degradation) -> np.ndarray:
@@ -81,9 +80,9 @@ def lr_image(hr: np.ndarray, degradation: Degradation) -> np.ndarray:
     return lr.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def lr_targets(record: dict, scale: int, min_size: float = 0.0) -> dict:
+def lr_targets(record: dict, scale: int) -> dict:
     """The record's boxes in LR pixels (XYXY, clipped to the image) and contiguous class ids; crowd
-    boxes and boxes with a side < ``min_size`` LR pixels after clipping are left out."""
+    boxes and boxes with no area after clipping are left out."""
     boxes, classes = [], []
     for obj in record.get("annotations", []):
         if obj.get("iscrowd", 0):
@@ -93,7 +92,7 @@ def lr_targets(record: dict, scale: int, min_size: float = 0.0) -> dict:
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) / scale
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, record["width"] / scale)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, record["height"] / scale)
-    keep = ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
+    keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
     return {"boxes": boxes[keep], "classes": np.asarray(classes, dtype=np.int64)[keep]}
 
 

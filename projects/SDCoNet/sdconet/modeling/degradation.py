@@ -83,7 +83,9 @@ class Degradation(nn.Module):
         return gaussian_blur(img, [k, k], [sigma, sigma])
 
 
-def build_degradation(cfg) -> Degradation:
-    """The degradation of ``cfg.MODEL.SDCONET.DEGRADE``, adding noise in ``cfg.MODEL.PIXEL_STD`` units."""
+def build_degradation(cfg, pixel_std=None) -> Degradation:
+    """The degradation of ``cfg.MODEL.SDCONET.DEGRADE``, adding noise in ``cfg.MODEL.PIXEL_STD`` units
+    (the model's normalised input), or in ``pixel_std`` units when given ((1, 1, 1): 0-255 pixels)."""
     d = cfg.MODEL.SDCONET.DEGRADE
-    return Degradation(d.SCALE, d.MODE, tuple(d.BLUR_SIGMA), tuple(d.NOISE_STD), tuple(cfg.MODEL.PIXEL_STD), d.SEED)
+    std = tuple(cfg.MODEL.PIXEL_STD) if pixel_std is None else tuple(pixel_std)
+    return Degradation(d.SCALE, d.MODE, tuple(d.BLUR_SIGMA), tuple(d.NOISE_STD), std, d.SEED)
