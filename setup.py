@@ -55,6 +55,6 @@ setup(
     extras_require={
         "test": ["pytest>=7", "scikit-image>=0.22"],  # skimage: reference PSNR/SSIM in tests
         # Peers for tools/compare.py --peer and tools/train_peer.py only; sdconet never imports them.
-        "benchmark": ["ultralytics>=8.3", "transformers>=4.40"],
+        "benchmark": ["ultralytics>=8.3", "transformers>=4.40", "sahi>=0.11"],
     },
 )
