@@ -6,13 +6,15 @@ detections; a forward pre-hook counts the passes (and cuts a run, as a kill woul
 """
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import cv2
 import pytest
 import sdconet
 import torch
-from common import TINY, load_tool
+from common import REPO, TINY, load_tool
 from sdconet.data.synthetic import render_tile
 
 PASSES_PER_SCENE = 2
@@ -159,3 +161,25 @@ def test_bad_shards_are_refused_naming_the_flag_or_variable(tmp_path, monkeypatc
         predict.main(["--config-file", TINY, str(image), "--output", str(tmp_path / "out"), *argv])
     assert e.value.code == 2 and error in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_two_live_processes_share_the_scenes_and_agree_with_one(folders, tmp_path):
+    """Two predict.py processes at the same time, as torchrun --nproc_per_node 2 starts them."""
+    weights = tmp_path / "weights.pth"
+    torch.manual_seed(0)
+    torch.save({"model": sdconet.Predictor(TINY).model.state_dict()}, weights)
+    flags = ["--config-file", TINY, "--weights", str(weights), *folders, "--tile", "64", "--overlap", "16",
+             "--batch", "2", "--score-thresh", "0", "--device", "cpu"]
+    out = tmp_path / "live"
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tools" / "predict.py"), *flags, "--output", str(out)],
+                              env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    assert all("scenes: 100%" in log and "| 2/2 [" in log for log in logs), logs  # 2 scenes each, no more
+    assert outputs(out) == sorted(f"{n}.{ext}" for n in ("a", "b", "a_2", "c") for ext in ("geojson", "png")) \
+        + ["results.json", "summary.json"]
+    single = tmp_path / "single"
+    load_tool("predict").main([*flags, "--output", str(single)])
+    assert json.loads((out / "summary.json").read_text()) == json.loads((single / "summary.json").read_text())
+    assert json.loads((out / "results.json").read_text()) == json.loads((single / "results.json").read_text())
