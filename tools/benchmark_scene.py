@@ -9,6 +9,8 @@ measurement alone:
   model     the model on --model-tiles tiles of the scene decoded beforehand: tiles/s (the ceiling)
   pipeline  tools/predict.py's ``run_scenes`` on the file: windowed reading by a reader thread,
             the model, the merge and the outputs (GeoJSON, drawing); tiles/s, Mpx/s, peak RSS
+  pipeline_no_drawing  the same with predict.py --no-drawing (GeoJSON only: the drawing, by
+            detectron2's matplotlib Visualizer, costs seconds per scene)
   sahi      SAHI's ``get_sliced_prediction`` wrapping the same Predictor (same slices, overlap,
             score threshold and NMS), the scene read whole first as SAHI needs it (--sahi; SAHI
             comes with the ``benchmark`` extra, never with sdconet)
@@ -21,6 +23,7 @@ Example:
       --weights output/demo/model_final.pth --sizes 4096 16384 --sahi --json output/benchmark_scene.json
 """
 import argparse
+import functools
 import json
 import os
 import resource
@@ -125,7 +128,7 @@ def measure_model(args) -> dict:
     return {"tiles": len(images), "seconds": seconds}
 
 
-def measure_pipeline(args) -> dict:
+def measure_pipeline(args, drawing: bool = True) -> dict:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import predict
 
@@ -135,7 +138,8 @@ def measure_pipeline(args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         predict_args = predict.parse_args([
             "--config-file", args.config_file, args.scene, "--output", out, "--tile", str(args.tile),
-            "--overlap", str(args.overlap), "--batch", str(args.batch), "--score-thresh", str(args.score_thresh)])
+            "--overlap", str(args.overlap), "--batch", str(args.batch), "--score-thresh", str(args.score_thresh),
+            *([] if drawing else ["--no-drawing"])])
         names = predict.output_names([args.scene])
         start = time.perf_counter()
         failed = predict.run_scenes(predictor, [(0, args.scene)], names, predict.class_names(predictor.cfg),
@@ -197,7 +201,8 @@ def measure_sahi(args) -> dict:
             "peak_rss_before_mib": rss_before}
 
 
-MEASURES = {"model": measure_model, "pipeline": measure_pipeline, "sahi": measure_sahi}
+MEASURES = {"model": measure_model, "pipeline": measure_pipeline,
+            "pipeline_no_drawing": functools.partial(measure_pipeline, drawing=False), "sahi": measure_sahi}
 
 
 def child(args):
@@ -271,7 +276,7 @@ def main(argv=None):
     for size in args.sizes:
         scene = scene_path(args.scene_dir, size)
         runs = result["scenes"][str(size)] = {}
-        for measure in ["model", "pipeline"] + (["sahi"] if args.sahi else []):
+        for measure in ["model", "pipeline", "pipeline_no_drawing"] + (["sahi"] if args.sahi else []):
             print(f"{size}²: {measure} ...", flush=True)
             runs[measure] = run_child(args, measure, scene)
     print(f"\n{command}\n{result['machine'].get('cpu', '')}, {args.threads} torch threads, tile {args.tile}, "

@@ -2,7 +2,8 @@
 """Detect objects in images or large scenes (files, folders, globs) with a trained SDCoNet.
 
 Writes to --output, per scene (each file written to a temporary file, then renamed):
-  <name>.png              the detections drawn (on a downscaled copy for scenes larger than --draw-max-side)
+  <name>.png              the detections drawn (on a downscaled copy for scenes larger than --draw-max-side;
+                          not with --no-drawing)
   <name>.geojson          box polygons: map coordinates + "crs" for georeferenced GeoTIFFs, pixels otherwise;
                           written last: it marks the scene as done
   <name>.failed.json      instead of both, for a file that could not be read (its error)
@@ -112,6 +113,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None,
                         help="default: MODEL.DEVICE; under torchrun a CUDA device becomes cuda:LOCAL_RANK")
     parser.add_argument("--draw-max-side", type=integer(1), default=2048, help="larger scenes are drawn downscaled")
+    parser.add_argument("--no-drawing", action="store_true",
+                        help="write no <name>.png: GeoJSON only (the drawing is the slowest output of a scene)")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable file (default: skip it)")
     parser.add_argument("--whole-image", action="store_true",
                         help="decode every file whole (default: GeoTIFF / JPEG 2000 are read window by window)")
@@ -258,17 +261,21 @@ def scene_state(output, name, path):
 
 
 def write_scene(output, name, start, end, boxes, scores, classes, names):
-    """The drawing, then the GeoJSON (the scene's "done" mark), each atomically; drop an old failure."""
+    """The drawing (unless --no-drawing: then an old one is removed), then the GeoJSON (the scene's "done"
+    mark), each atomically; drop an old failure."""
     boxes = boxes.numpy().astype(np.float64)
     scores, classes = scores.numpy(), classes.numpy()
     transform, crs = start.georeference if start.georeference is not None else (None, None)
     collection = detections_to_geojson(boxes, scores, classes, names, transform, crs, image_file=start.path)
-    ok, png = cv2.imencode(".png", draw(end.thumbnail, end.scale, boxes, scores, classes, names))
-    if not ok:
-        raise RuntimeError(f"OpenCV could not encode the drawing of {start.path}")
     paths = [scene_file(output, name, kind) for kind in SUFFIXES]
     remove(*[tmp for p in paths for tmp in glob.glob(glob.escape(p) + ".tmp-*")])  # left by a killed run
-    atomic_write(paths[0], lambda f: f.write(png.tobytes()))
+    if end.thumbnail is None:
+        remove(paths[0])
+    else:
+        ok, png = cv2.imencode(".png", draw(end.thumbnail, end.scale, boxes, scores, classes, names))
+        if not ok:
+            raise RuntimeError(f"OpenCV could not encode the drawing of {start.path}")
+        atomic_write(paths[0], lambda f: f.write(png.tobytes()))
     write_json(paths[1], collection)
     remove(paths[2])
 
@@ -323,7 +330,8 @@ def run_scenes(predictor, jobs, names, class_list, args):
     runs; with --strict the run stops at the first unreadable file.
     """
     read = functools.partial(open_scene, whole=args.whole_image, **read_options(predictor.cfg))
-    stream = scene_stream(jobs, read, args.tile, args.overlap, args.batch, args.draw_max_side)
+    stream = scene_stream(jobs, read, args.tile, args.overlap, args.batch,
+                          None if args.no_drawing else args.draw_max_side)
     failed, tiles_bar = [], None
     with Prefetcher(stream, depth=args.prefetch, name="scene-reader") as items, \
             tqdm(total=len(jobs), desc="scenes", unit="scene") as scenes_bar:

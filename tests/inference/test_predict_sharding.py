@@ -183,3 +183,13 @@ def test_two_live_processes_share_the_scenes_and_agree_with_one(folders, tmp_pat
     load_tool("predict").main([*flags, "--output", str(single)])
     assert json.loads((out / "summary.json").read_text()) == json.loads((single / "summary.json").read_text())
     assert json.loads((out / "results.json").read_text()) == json.loads((single / "results.json").read_text())
+
+
+def test_no_drawing_writes_geojson_only_and_removes_an_old_drawing(folders, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run(monkeypatch, folders[:1], out)
+    drawn = json.loads((out / "results.json").read_text())
+    assert (out / "a.png").exists()
+    run(monkeypatch, folders[:1], out, "--overwrite", "--no-drawing")
+    assert outputs(out) == ["a.geojson", "b.geojson", "results.json", "summary.json"]
+    assert json.loads((out / "results.json").read_text()) == drawn  # the same detections

@@ -58,9 +58,10 @@ def test_model_only_run_times_the_tiles_it_was_asked_for(runs):
 
 def test_pipeline_run_covers_the_grid_and_finds_what_predict_finds(runs):
     tmp, weights, result = runs
-    pipeline = result["scenes"][str(SIZE)]["pipeline"]
-    assert pipeline["tiles"] == len(tile_grid(SIZE, SIZE, TILE, OVERLAP)) == 9
+    pipeline, no_drawing = result["scenes"][str(SIZE)]["pipeline"], result["scenes"][str(SIZE)]["pipeline_no_drawing"]
+    assert pipeline["tiles"] == no_drawing["tiles"] == len(tile_grid(SIZE, SIZE, TILE, OVERLAP)) == 9
     assert pipeline["peak_rss_mib"] >= pipeline["peak_rss_before_mib"] > 0
+    assert no_drawing["detections"] == pipeline["detections"]
     out = tmp / "predict"
     predict.main(["--config-file", TINY, "--weights", str(weights), str(tmp / f"scene_{SIZE}.tif"), "--output", str(out), "--tile", str(TILE),
                   "--overlap", str(OVERLAP), "--batch", "2", "--score-thresh", "0"])

@@ -267,10 +267,11 @@ class TileBatch:
 
 @dataclass
 class SceneEnd:
-    """The scene's last tile was read: a small copy to draw the detections on, and its scale."""
+    """The scene's last tile was read: a small copy to draw the detections on and its scale (``None``
+    and 0 when no drawing was asked for)."""
 
     index: int
-    thumbnail: np.ndarray
+    thumbnail: Optional[np.ndarray]
     scale: float
 
 
@@ -283,8 +284,10 @@ class SceneFailed:
     error: OSError
 
 
-def scene_stream(jobs, open_fn, tile: int, overlap: int, batch: int, thumbnail_side: int):
+def scene_stream(jobs, open_fn, tile: int, overlap: int, batch: int, thumbnail_side: Optional[int]):
     """For each (index, path) of ``jobs``: SceneStart, TileBatch..., SceneEnd, or SceneFailed.
+
+    ``thumbnail_side`` None: no copy to draw on is read (the SceneEnd's thumbnail is None).
 
     ``open_fn(path)`` opens a scene (e.g. :func:`open_scene` with the read options). An
     ``OSError`` while opening or reading ends that scene with SceneFailed and the stream goes on
@@ -310,7 +313,7 @@ def scene_stream(jobs, open_fn, tile: int, overlap: int, batch: int, thumbnail_s
                     chunk, images = [], []
             if chunk:
                 yield TileBatch(chunk, images)
-            yield SceneEnd(index, *scene.thumbnail(thumbnail_side))
+            yield SceneEnd(index, *(scene.thumbnail(thumbnail_side) if thumbnail_side else (None, 0.0)))
         except OSError as e:
             yield SceneFailed(index, path, e)
         finally:
