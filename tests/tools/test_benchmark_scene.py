@@ -43,9 +43,9 @@ def runs(tmp_path_factory):
     torch.manual_seed(0)
     torch.save({"model": Predictor(TINY).model.state_dict()}, weights)  # the same weights in every process
     sahi = ["--sahi"] if importlib.util.find_spec("sahi") else []
-    benchmark_scene.main(["--config-file", TINY, "--weights", str(weights), "--sizes", str(SIZE), "--scene-dir", str(tmp), "--threads", "1",
-                          "--tile", str(TILE), "--overlap", str(OVERLAP), "--batch", "2", "--model-tiles", "4",
-                          "--score-thresh", "0", "--json", str(out), *sahi])
+    benchmark_scene.main(["--config-file", TINY, "--weights", str(weights), "--sizes", str(SIZE),
+                          "--scene-dir", str(tmp), "--threads", "1", "--tile", str(TILE), "--overlap", str(OVERLAP),
+                          "--batch", "2", "--model-tiles", "4", "--score-thresh", "0", "--json", str(out), *sahi])
     return tmp, weights, json.loads(out.read_text())
 
 
@@ -63,8 +63,9 @@ def test_pipeline_run_covers_the_grid_and_finds_what_predict_finds(runs):
     assert pipeline["peak_rss_mib"] >= pipeline["peak_rss_before_mib"] > 0
     assert no_drawing["detections"] == pipeline["detections"]
     out = tmp / "predict"
-    predict.main(["--config-file", TINY, "--weights", str(weights), str(tmp / f"scene_{SIZE}.tif"), "--output", str(out), "--tile", str(TILE),
-                  "--overlap", str(OVERLAP), "--batch", "2", "--score-thresh", "0"])
+    predict.main(["--config-file", TINY, "--weights", str(weights), str(tmp / f"scene_{SIZE}.tif"),
+                  "--output", str(out), "--tile", str(TILE), "--overlap", str(OVERLAP), "--batch", "2",
+                  "--score-thresh", "0"])
     features = json.loads((out / f"scene_{SIZE}.geojson").read_text())["features"]
     assert pipeline["detections"] == len(features) > 0
 
