@@ -2,7 +2,8 @@
 """Large-scene throughput and peak memory: the model alone, tools/predict.py's pipeline, and SAHI.
 
 For each --sizes N it writes (once, cached in --scene-dir) an N x N RGB uint8 GeoTIFF (DEFLATE,
-512 px blocks, UTM georeference) tiled with rendered Synthetic_RS scenes, then measures, each in a
+512 px blocks, UTM georeference) tiled with rendered Synthetic_RS scenes at low resolution (the
+input the models are trained on; predict.py without --degrade), then measures, each in a
 fresh Python process so that its peak RSS (``getrusage`` high-water mark) belongs to that
 measurement alone:
 
@@ -47,16 +48,25 @@ def peak_rss_mib() -> float:
 
 
 # ---------------------------------------------------------------------- the scene
-def write_scene(path: str, size: int, seed: int = 0):
-    """An N x N RGB uint8 GeoTIFF made of 16 rendered 512 px tiles in a shifted pattern, written
-    band of blocks by band of blocks (memory stays at one row of blocks), to a temporary name first."""
-    import rasterio
-    from affine import Affine
+def scene_tiles(seed: int = 0, count: int = 16):
+    """Rendered Synthetic_RS tiles at the scale the models see: 1024 px HR tiles area-downsampled x2 to
+    512 px LR, objects as small as in the low-resolution training input (3 x 512 x 512, R, G, B)."""
+    import cv2
 
     from sdconet.data.synthetic import render_tile
 
-    tiles = [np.ascontiguousarray(render_tile(seed, "test", i, BLOCK)[0][:, :, ::-1].transpose(2, 0, 1))
-             for i in range(16)]  # R, G, B file order
+    return [np.ascontiguousarray(cv2.resize(render_tile(seed, "test", i, 2 * BLOCK)[0], (BLOCK, BLOCK),
+                                            interpolation=cv2.INTER_AREA)[:, :, ::-1].transpose(2, 0, 1))
+            for i in range(count)]
+
+
+def write_scene(path: str, size: int, seed: int = 0):
+    """An N x N RGB uint8 GeoTIFF of :func:`scene_tiles` in a shifted pattern, written band of blocks by
+    band of blocks (memory stays at one row of blocks), to a temporary name first."""
+    import rasterio
+    from affine import Affine
+
+    tiles = scene_tiles(seed)
     profile = dict(driver="GTiff", height=size, width=size, count=3, dtype="uint8", crs="EPSG:32633",
                    transform=Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4000000.0), tiled=True,
                    blockxsize=BLOCK, blockysize=BLOCK, compress="deflate")

@@ -58,7 +58,8 @@ from sdconet.engine.checkpoint import atomic_write
 from sdconet.inference import Predictor
 from sdconet.inference.geo import detections_to_geojson
 from sdconet.inference.prefetch import Prefetcher
-from sdconet.inference.scene_reader import SceneEnd, SceneFailed, SceneStart, TileBatch, open_scene, scene_stream
+from sdconet.inference.scene_reader import (SceneEnd, SceneFailed, SceneStart, TileBatch, bounded_block_cache,
+                                            open_scene, scene_stream)
 from sdconet.inference.tiling import merge_tile_detections
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".jp2")
@@ -333,7 +334,7 @@ def run_scenes(predictor, jobs, names, class_list, args):
     stream = scene_stream(jobs, read, args.tile, args.overlap, args.batch,
                           None if args.no_drawing else args.draw_max_side)
     failed, tiles_bar = [], None
-    with Prefetcher(stream, depth=args.prefetch, name="scene-reader") as items, \
+    with bounded_block_cache(), Prefetcher(stream, depth=args.prefetch, name="scene-reader") as items, \
             tqdm(total=len(jobs), desc="scenes", unit="scene") as scenes_bar:
         for item in items:
             if isinstance(item, SceneStart):

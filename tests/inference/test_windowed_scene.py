@@ -158,3 +158,25 @@ def test_predict_windowed_geotiff_gives_the_whole_image_detections(tmp_path):
     b = boxes(window)
     centre_x, centre_y = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
     assert not ((centre_x >= 198) & (centre_y < 100)).any()
+
+
+def test_predict_caps_gdal_block_cache_while_reading_and_restores_it(tmp_path, monkeypatch):
+    """GDAL's default block cache (5% of RAM) would keep every block of a scene read by windows."""
+    from rasterio._env import get_gdal_config
+    from sdconet.inference.scene_reader import BLOCK_CACHE_BYTES
+
+    predict = load_tool("predict")
+    seen, original = [], predict.Predictor.predict_tiles
+
+    def spy(self, images, score_thresh):
+        seen.append(get_gdal_config("GDAL_CACHEMAX"))  # asked in the main thread, read in the reader's
+        return original(self, images, score_thresh)
+
+    monkeypatch.setattr(predict.Predictor, "predict_tiles", spy)
+    before = get_gdal_config("GDAL_CACHEMAX")
+    assert before != BLOCK_CACHE_BYTES
+    path = write_geotiff(tmp_path / "scene.tif", rgb8())
+    predict.main(["--config-file", TINY, "--weights", "", path, "--output", str(tmp_path / "out"), "--tile",
+                  str(TILE), "--overlap", str(OVERLAP), "--device", "cpu", "--no-drawing"])
+    assert len(seen) == 2 and set(seen) == {BLOCK_CACHE_BYTES}  # 6 tiles, batches of 4
+    assert get_gdal_config("GDAL_CACHEMAX") == before

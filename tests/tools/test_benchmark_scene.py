@@ -7,6 +7,7 @@ the whole tile grid and found what predict.py finds, and SAHI cut the scene into
 import importlib.util
 import json
 
+import cv2
 import numpy as np
 import pytest
 import rasterio
@@ -30,7 +31,11 @@ def test_scene_is_a_tiled_georeferenced_rgb_geotiff_of_rendered_tiles(tmp_path):
         assert src.block_shapes[0] == (512, 512) and src.compression.name.lower() == "deflate"
         data = src.read()
     assert not list(tmp_path.glob("*.partial*"))
-    rgb = [np.ascontiguousarray(render_tile(0, "test", i, 512)[0][:, :, ::-1].transpose(2, 0, 1)) for i in (0, 1, 5)]
+    tiles = benchmark_scene.scene_tiles()
+    hr = render_tile(0, "test", 1, 1024)[0]  # tile 1: HR 1024 px, area-downsampled to 512, R, G, B
+    np.testing.assert_array_equal(tiles[1], cv2.resize(hr, (512, 512), interpolation=cv2.INTER_AREA)[:, :, ::-1]
+                                  .transpose(2, 0, 1))
+    rgb = [tiles[i] for i in (0, 1, 5)]
     np.testing.assert_array_equal(data[:, :512, :512], rgb[0])
     np.testing.assert_array_equal(data[:, :512, 512:], rgb[1][:, :, :188])  # cut at the scene's right border
     np.testing.assert_array_equal(data[:, 512:, :512], rgb[2][:, :188])  # the next row of blocks is shifted by 5

@@ -234,6 +234,21 @@ class WindowedScene:
             src.close()
 
 
+# GDAL keeps decoded blocks in a process-wide cache of 5% of RAM by default: reading a scene window by
+# window would then hold every block of it, and memory would grow with the scene (+900 MB for a
+# 16384 px RGB scene). 128 MiB holds the blocks under a row of tiles of scenes up to ~40 000 px wide
+# (512 px blocks), so a block shared by two rows of tiles is still decoded once.
+BLOCK_CACHE_BYTES = 128 * 2**20
+
+
+def bounded_block_cache(max_bytes: int = BLOCK_CACHE_BYTES):
+    """A ``rasterio.Env`` capping GDAL's block cache (for every thread: the cache is process-wide) while
+    scenes are read by windows; the previous size comes back on exit."""
+    import rasterio
+
+    return rasterio.Env(GDAL_CACHEMAX=max_bytes)
+
+
 def open_scene(path: str, whole: bool = False, **read_options):
     """A :class:`WindowedScene` for rasterio formats (.tif, .tiff, .jp2, .j2k), else (or with
     ``whole``) an :class:`ArrayScene` of the file decoded by ``read_image_any``. ``read_options``:
