@@ -191,13 +191,16 @@ def measure_sahi(args) -> dict:
     from sahi.predict import get_sliced_prediction
     from sahi.slicing import get_slice_bboxes
 
+    from sdconet.inference.scene_reader import bounded_block_cache
+
     predictor = build_predictor(args)
     warm_up(predictor, args)
     model = sahi_model(predictor)
     rss_before = peak_rss_mib()
     ratio = args.overlap / args.tile
     start = time.perf_counter()
-    image = predictor.read_image(args.scene)[:, :, ::-1]  # SAHI takes the whole scene in memory, RGB
+    with bounded_block_cache():  # as predict.py: GDAL would otherwise also cache the blocks of the whole read
+        image = predictor.read_image(args.scene)[:, :, ::-1]  # SAHI takes the whole scene in memory, RGB
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = get_sliced_prediction(image, model, slice_height=args.tile, slice_width=args.tile,
