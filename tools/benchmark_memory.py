@@ -14,7 +14,6 @@ Example:
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,12 +31,6 @@ def current_rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
-
-
-def peak_rss() -> int:
-    """High-water mark of this process's RSS in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def write_scene(path: str, size: int):
@@ -58,6 +51,7 @@ def child(args):
     import torch
 
     import sdconet
+    from sdconet.utils.report import peak_rss_mib
 
     torch.set_num_threads(args.threads)
     predictor = sdconet.Predictor(args.config_file, args.weights, device="cpu", score_thresh=args.score_thresh)
@@ -73,7 +67,7 @@ def child(args):
     stages["after_predict"] = current_rss()
     print(json.dumps({"image": list(image.shape), "detections": len(result), "read_s": read_s,
                       "predict_s": predict_s, "rss_mib": {k: v / MiB for k, v in stages.items()},
-                      "peak_rss_mib": peak_rss() / MiB}))
+                      "peak_rss_mib": peak_rss_mib()}))
 
 
 def main():

@@ -27,7 +27,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -39,12 +38,6 @@ import numpy as np
 
 MiB = 1024 * 1024
 BLOCK = 512  # GeoTIFF block side, also the side of the rendered tiles the scene repeats
-
-
-def peak_rss_mib() -> float:
-    """This process's RSS high-water mark in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (MiB if sys.platform == "darwin" else 1024)
 
 
 # ---------------------------------------------------------------------- the scene
@@ -144,6 +137,8 @@ def measure_pipeline(args, drawing: bool = True) -> dict:
 
     predictor = build_predictor(args)
     warm_up(predictor, args)
+    from sdconet.utils.report import peak_rss_mib
+
     rss_before = peak_rss_mib()
     with tempfile.TemporaryDirectory() as out:
         predict_args = predict.parse_args([
@@ -196,6 +191,8 @@ def measure_sahi(args) -> dict:
     predictor = build_predictor(args)
     warm_up(predictor, args)
     model = sahi_model(predictor)
+    from sdconet.utils.report import peak_rss_mib
+
     rss_before = peak_rss_mib()
     ratio = args.overlap / args.tile
     start = time.perf_counter()
@@ -220,6 +217,8 @@ MEASURES = {"model": measure_model, "pipeline": measure_pipeline,
 
 def child(args):
     result = MEASURES[args.measure](args)
+    from sdconet.utils.report import peak_rss_mib
+
     result.update(peak_rss_mib=peak_rss_mib(), tiles_per_s=result["tiles"] / result["seconds"])
     print(json.dumps(result))
 

@@ -38,7 +38,9 @@ with a final_metrics.json is skipped and an unfinished one continues from its la
 the same command picks up after a crash or a stop. ``--budget-seconds`` gives every run the same
 training time (SOLVER.TIME_BUDGET_SECONDS) instead of the same SOLVER.MAX_ITER.
 
-Writes OUT/compare.json, OUT/compare.md and OUT/plots/<metric>.png; exit status 1 when a run failed.
+Writes OUT/compare.json, OUT/compare.md and OUT/plots/<metric>.png (``--report-name NAME``: OUT/NAME.json,
+OUT/NAME.md and OUT/plots_NAME/, so that two specs can share their runs in one OUT and keep their own
+reports); exit status 1 when a run failed.
 """
 import argparse
 import json
@@ -127,6 +129,9 @@ def parse_args(argv=None):
                              "data loading included, checkpoints and evaluations not), then is evaluated")
     parser.add_argument("--peer-budget-seconds", type=float,
                         help="training time of each peer run (default: --budget-seconds)")
+    parser.add_argument("--report-name", default="compare",
+                        help="the report's file names: OUT/NAME.json, OUT/NAME.md, plots in OUT/plots_NAME "
+                             "(default compare: OUT/compare.json, OUT/compare.md, OUT/plots)")
     parser.add_argument("--no-train", action="store_true", help="only report the finished runs; train nothing")
     parser.add_argument("--only", nargs="+", default=[], metavar="NAME",
                         help="train only these runs now; the others are reported if finished, else missing")
@@ -152,6 +157,9 @@ def pairs(opts: Sequence, where: str) -> List[str]:
 def resolve(args) -> None:
     """Merge the spec file and the flags into ``args.runs``, ``seeds``, ``reference``, ``opts``,
     ``budget_seconds``; a ValueError saying what is wrong."""
+    if not args.report_name or os.path.basename(args.report_name) != args.report_name or \
+            args.report_name.startswith("."):
+        raise ValueError(f"--report-name must be a plain file name (no folder), got {args.report_name!r}")
     spec = {}
     if args.spec:
         with open(args.spec) as f:
@@ -542,12 +550,13 @@ def main(argv=None) -> int:
         report["runs"][job.run.name]["seeds"][str(job.seed)] = {"folder": job.folder, **outcome}
     report["metrics"] = summarize(args, outcomes)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "compare.json"), "w") as f:
+    name = args.report_name
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(without_nan(report), f, indent=2)
     text = markdown(report)
-    with open(os.path.join(args.out, "compare.md"), "w") as f:
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(text)
-    plot(report, os.path.join(args.out, "plots"))
+    plot(report, os.path.join(args.out, "plots" if name == "compare" else f"plots_{name}"))
     print(text, flush=True)
     failed = [f"{n} seed {s}" for (n, s), o in outcomes.items() if o["status"] == "failed"]
     if failed:

@@ -54,6 +54,7 @@ def test_spec_file_and_flags_give_the_runs(tmp_path):
     (["--run", "a", TINY, "--reference", "b"], "--reference 'b' is not one of the runs"),
     (["--run", "a", "nowhere.yaml"], "config file nowhere.yaml does not exist"),
     (["--peer", "a", "retinanet", TINY, "--peer-budget-seconds", "9"], "unknown peer 'retinanet'"),
+    (["--run", "a", TINY, "--report-name", "sub/recipe"], "--report-name must be a plain file name"),
 ])
 def test_bad_command_lines_are_refused(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
@@ -149,6 +150,15 @@ def test_compare_picks_up_after_stop_crash_and_failure(synthetic_root, tmp_path,
     table = (out / "compare.md").read_text()
     assert "| AP |" in table and "lr2 - base" in table
     assert (out / "plots" / "AP.png").is_file() and not (out / "plots" / "PSNR_SR.png").exists()
+
+    # 4. A second report over the same runs (another spec sharing OUT) keeps the first one.
+    first = (out / "compare.json").read_text()
+    assert tool.main([*command, "--seeds", "0", "1", "--no-train", "--report-name", "again"]) == 0
+    assert (out / "compare.json").read_text() == first
+    with open(out / "again.json") as f:
+        again = json.load(f)
+    assert again["metrics"]["AP"]["runs"]["base"]["values"] == report["metrics"]["AP"]["runs"]["base"]["values"]
+    assert (out / "again.md").is_file() and (out / "plots_again" / "AP.png").is_file()
 
 
 def test_a_peer_run_goes_through_train_peer_into_the_table(synthetic_root, tmp_path, monkeypatch, capsys):

@@ -1,9 +1,18 @@
 """The machine a measurement ran on, and the header the measuring tools print above their figures."""
 import os
 import platform
+import resource
+import sys
 from typing import Dict, List
 
 import torch
+
+
+def peak_rss_mib() -> float:
+    """This process's resident-memory high-water mark in MiB (ru_maxrss counts KiB on Linux, bytes
+    on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def machine_info(device: str) -> Dict:
