@@ -36,6 +36,8 @@ import warnings
 
 import numpy as np
 
+from sdconet.utils.report import machine_info, peak_rss_mib
+
 MiB = 1024 * 1024
 BLOCK = 512  # GeoTIFF block side, also the side of the rendered tiles the scene repeats
 
@@ -137,8 +139,6 @@ def measure_pipeline(args, drawing: bool = True) -> dict:
 
     predictor = build_predictor(args)
     warm_up(predictor, args)
-    from sdconet.utils.report import peak_rss_mib
-
     rss_before = peak_rss_mib()
     with tempfile.TemporaryDirectory() as out:
         predict_args = predict.parse_args([
@@ -191,8 +191,6 @@ def measure_sahi(args) -> dict:
     predictor = build_predictor(args)
     warm_up(predictor, args)
     model = sahi_model(predictor)
-    from sdconet.utils.report import peak_rss_mib
-
     rss_before = peak_rss_mib()
     ratio = args.overlap / args.tile
     start = time.perf_counter()
@@ -217,8 +215,6 @@ MEASURES = {"model": measure_model, "pipeline": measure_pipeline,
 
 def child(args):
     result = MEASURES[args.measure](args)
-    from sdconet.utils.report import peak_rss_mib
-
     result.update(peak_rss_mib=peak_rss_mib(), tiles_per_s=result["tiles"] / result["seconds"])
     print(json.dumps(result))
 
@@ -275,8 +271,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child:
         return child(args)
-    from sdconet.utils.report import machine_info
-
     if args.sahi:
         import importlib.util
 
