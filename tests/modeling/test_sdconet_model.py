@@ -3,12 +3,13 @@
 import pytest
 import sdconet
 import torch
-from common import SDCONET_TINY
+from common import REPO, SDCONET_TINY
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from sdconet.layers.ms_deform_attn import MSDeformAttn
 from sdconet.layers.onednn_linear import OneDNNLinear, onednn_available
 from sdconet.modeling.meta_arch import SR_LOSS_KEYS
+from sdconet.modeling.saliency import saliency_targets
 
 
 def build(opts=()):
@@ -195,3 +196,29 @@ def test_untrained_residual_sr_is_bicubic_of_the_model_lr_input():
     in_pixels = (bicubic[0] * model.pixel_std + model.pixel_mean).clamp(0, 255)
     torch.testing.assert_close(out["sr"], in_pixels, rtol=0, atol=1e-5)
     assert out["sr"].shape == (3, 128, 128) and out["sr"].std() > 10  # a real image, not a constant
+
+
+def test_stride4_config_adds_a_stride4_level_and_gives_small_boxes_to_it():
+    # sdconet_tiny_synthetic_stride4.yaml feeds res2..res5 to the neck and halves the saliency
+    # ranges with the strides: a 12 px HR box must be a saliency positive on the stride-4 level only.
+    path = str(REPO / "configs" / "quick_schedules" / "sdconet_tiny_synthetic_stride4.yaml")
+    torch.manual_seed(0)
+    model = build_model(sdconet.get_sdconet_cfg(path, ["MODEL.DEVICE", "cpu"])).train()
+    x = sample()
+    x["instances"] = Instances((128, 128), gt_boxes=Boxes(torch.tensor([[50.0, 50.0, 62.0, 62.0]])),
+                               gt_classes=torch.tensor([1]))
+    images = model.preprocess_image([x])
+    lr, lr_sizes = model.degrade(images)
+    _, levels, _ = model.extract_features(lr, lr_sizes)
+    shapes = [tuple(level.shape[-2:]) for level in levels]
+    assert shapes == [(16, 16), (8, 8), (4, 4), (2, 2)]  # LR 64 px at strides 4, 8, 16, 32
+    strides = [128 / h for h, _ in shapes]
+    targets = saliency_targets([x["instances"].gt_boxes.tensor], images.image_sizes, shapes, strides,
+                               ranges=model.saliency_ranges)
+    assert targets[0].sum() > 0 and all(t.sum() == 0 for t in targets[1:])
+    # an 80 px box: max(l, t, r, b) >= 40 everywhere inside, past the stride-4 level's (-1, 32]
+    big = saliency_targets([torch.tensor([[20.0, 20.0, 100.0, 100.0]])], images.image_sizes, shapes, strides,
+                           ranges=model.saliency_ranges)
+    assert big[0].sum() == 0 and big[1].sum() > 0
+    losses = model([x, sample(seed=1)])
+    assert "loss_saliency" in losses and all(torch.isfinite(v) for v in losses.values())
