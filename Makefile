@@ -27,7 +27,7 @@ $(STAMP): setup.py tools/install_detectron2.py Makefile
 data: setup
 	$(PY) datasets/make_synthetic.py --out $(SDCONET_DATASETS)
 
-DEMO_CONFIG ?= configs/quick_schedules/sdconet_tiny_synthetic_b4_lr1e-3.yaml
+DEMO_CONFIG ?= configs/quick_schedules/sdconet_tiny_synthetic_stride4.yaml
 DEMO_OUT ?= output/demo
 
 demo: data

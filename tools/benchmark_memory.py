@@ -8,7 +8,7 @@ process that imports sdconet, builds the model, reads the PNG with ``Predictor.r
 the file bytes, the decoded scene array (SIZE^2 x 3 bytes) and the tile batches.
 
 Example:
-  python tools/benchmark_memory.py --config-file configs/quick_schedules/dino_tiny_synthetic.yaml \
+  python tools/benchmark_memory.py --config-file configs/quick_schedules/sdconet_tiny_synthetic_stride4.yaml \
       --weights output/demo/model_final.pth --size 8000
 """
 import argparse

@@ -20,7 +20,7 @@ All runs use --threads torch threads, after 2 untimed batches. The printed block
 command line, table) is meant to be pasted into BENCHMARKS.md.
 
 Example:
-  python tools/benchmark_scene.py --config-file configs/quick_schedules/sdconet_tiny_synthetic.yaml \
+  python tools/benchmark_scene.py --config-file configs/quick_schedules/sdconet_tiny_synthetic_stride4.yaml \
       --weights output/demo/model_final.pth --sizes 4096 16384 --sahi --json output/benchmark_scene.json
 """
 import argparse

@@ -23,7 +23,7 @@ with its 95% t interval for every run, and every run's paired difference to a re
            seeds: [0, 1]}
       yolo: {config: configs/quick_schedules/dino_tiny_synthetic.yaml, peer: yolo11n}
 
-Peers (benchmark extra: ``pip install -e ".[benchmark]"``) go in the same table with
+Peers (benchmark extra: ``pip install --no-build-isolation -e ".[benchmark]"``) go in the same table with
 ``--peer NAME KIND CONFIG [KEY VALUE ...]`` (KIND yolo11n or deformable_detr, see tools/train_peer.py:
 the config gives the data, batch and degradation the peer uses) or a spec run with ``peer: KIND``.
 A peer has no iteration schedule: it trains for ``--peer-budget-seconds`` (spec

@@ -9,7 +9,7 @@ without it the input is the real low-quality image (and TEST.SDCONET.SR_QUALITY 
 by train_net.py --lr-input). The SR branch is not part of the graph: detection does not use it.
 
 Example (the `make demo` model):
-  python tools/export_onnx.py --config-file configs/quick_schedules/sdconet_tiny_synthetic.yaml \
+  python tools/export_onnx.py --config-file configs/quick_schedules/sdconet_tiny_synthetic_stride4.yaml \
       --weights output/demo/model_final.pth --output output/demo/model.onnx --height 512 --width 512
 """
 import argparse

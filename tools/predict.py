@@ -30,7 +30,7 @@ An unreadable file is skipped with an error line and the others are still writte
 exits with status 1, listing the skipped files (--strict stops at the first one instead).
 
 Example:
-  python tools/predict.py --config-file configs/quick_schedules/dino_tiny_synthetic.yaml \
+  python tools/predict.py --config-file configs/quick_schedules/sdconet_tiny_synthetic_stride4.yaml \
       --weights output/demo/model_final.pth scenes/ --output output/predictions --score-thresh 0.3 \
       --opts MODEL.SDCONET.TRANSFORMER.NUM_DETECTIONS 100
   torchrun --nproc_per_node 4 tools/predict.py --config-file C --weights W scenes/ --output out/

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Train a peer detector (YOLO11n, Deformable-DETR) on the images our models see, for a fixed
-training time, and score it with our evaluator (benchmarks only: ``pip install -e ".[benchmark]"``).
+training time, and score it with our evaluator (benchmarks only: ``pip install --no-build-isolation -e ".[benchmark]"``).
 
     python tools/train_peer.py --peer yolo11n --config-file configs/quick_schedules/dino_tiny_synthetic.yaml \\
         --seed 0 --budget-seconds 600 --output-dir output/peers/yolo11n_s0

@@ -1,4 +1,4 @@
-"""Peer detectors for benchmarks only (``pip install -e ".[benchmark]"``): Ultralytics YOLO11n and
+"""Peer detectors for benchmarks only (``pip install --no-build-isolation -e ".[benchmark]"``): Ultralytics YOLO11n and
 Hugging Face transformers' Deformable-DETR, trained from scratch on the same LR images as our models
 and scored by our evaluator (``tools/train_peer.py``, ``tools/compare.py --peer``).
 
