@@ -11,7 +11,7 @@ import torch
 # Skip without importing: importing ultralytics at collection would set cv2.setNumThreads(0) and
 # OMP_NUM_THREADS for every other test of the session.
 if importlib.util.find_spec("ultralytics") is None:
-    pytest.skip("needs ultralytics (pip install -e \".[benchmark]\")", allow_module_level=True)
+    pytest.skip("needs ultralytics (pip install --no-build-isolation -e \".[benchmark]\")", allow_module_level=True)
 
 SIDE, BUDGET, NUM_CLASSES = 64, 8.0, 4
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
@@ -81,6 +81,8 @@ def test_budget_stops_training(trained):
     assert info["wall_seconds"] >= info["train_seconds"]
     assert 1 <= info["epochs"] <= info["planned_epochs"] and info["iterations"] >= info["epochs"]
     assert Path(info["weights"]).name == "best.pt" and Path(info["weights"]).is_file()
+    import ultralytics  # here, not at collection (see the skip above)
+    assert info["ultralytics_version"] == ultralytics.__version__  # recorded with the run
     assert len(list((trained["peer"].work_dir / "data" / "labels" / "train").glob("*.txt"))) == 16
 
 

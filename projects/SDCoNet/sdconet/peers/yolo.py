@@ -30,6 +30,7 @@ from .yolo_format import write_yolo_dataset
 # analytics. Its import also sets OMP_NUM_THREADS=1 when unset (torch is already loaded, so only child
 # processes see it) and cv2.setNumThreads(0).
 os.environ["YOLO_OFFLINE"] = "1"
+import ultralytics  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
 
@@ -77,7 +78,8 @@ class YoloPeer:
         augmentation, EMA and per-epoch checkpoints included; writing the PNG dataset, building the
         model and the trainer's setup excluded); returns ``train_seconds``, ``epochs`` (started, the
         last one cut by the budget), ``iterations`` (batches), ``planned_epochs``, ``wall_seconds``
-        (the whole call) and ``weights`` (the checkpoint ``predict`` uses)."""
+        (the whole call), ``weights`` (the checkpoint ``predict`` uses) and ``ultralytics_version``
+        (its results move between versions, so a comparison has to say which)."""
         if budget_seconds <= 0:
             raise ValueError(f"budget_seconds must be > 0, got {budget_seconds}")
         for i, t in enumerate(targets):
@@ -108,7 +110,7 @@ class YoloPeer:
         trainer = model.trainer
         return {"train_seconds": epoch_ends[-1] - trainer.train_time_start, "epochs": trainer.epoch + 1,
                 "iterations": batches[0], "planned_epochs": trainer.epochs, "wall_seconds": time.time() - start,
-                "weights": model.overrides["model"]}
+                "weights": model.overrides["model"], "ultralytics_version": ultralytics.__version__}
 
     @torch.no_grad()
     def predict(self, images, chunk: int = 32) -> list:
