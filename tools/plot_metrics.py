@@ -10,45 +10,18 @@ Writes, when their keys are present:
     python tools/plot_metrics.py output/sdconet_run/metrics.json --out output/plots --smooth 20
 """
 import argparse
-import json
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from sdconet.utils.stats import Series, load_metrics  # noqa: E402
 
 PANEL_INCHES = (5.0, 3.6)  # each panel is 500 x 360 pixels at DPI
 DPI = 100
-
-Series = Tuple[np.ndarray, np.ndarray]  # (iterations, values)
-
-
-def load_metrics(metrics_path: str) -> Dict[str, Series]:
-    """Per-key (iterations, values), sorted by iteration.
-
-    Lines that do not parse (a line still being written) are skipped; when an iteration appears
-    twice (a resumed run appends to the same file) the later value wins.
-    """
-    points: Dict[str, Dict[int, float]] = {}
-    with open(metrics_path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(row, dict) or "iteration" not in row:
-                continue
-            for key, value in row.items():
-                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    points.setdefault(key, {})[int(row["iteration"])] = float(value)
-    series = {}
-    for key, by_iter in points.items():
-        iters = np.array(sorted(by_iter))
-        series[key] = (iters, np.array([by_iter[i] for i in iters]))
-    return series
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """When did each run first reach a level of a metric, in seconds of training?
 
-Reads each run folder's ``metrics.json`` (detectron2's JSONWriter): the periodic evaluations
+Reads each run folder's ``metrics.json`` (detectron2's JSONWriter, read by
+``sdconet.utils.stats.load_metrics``): the periodic evaluations
 (``TEST.EVAL_PERIOD``) give the metric at some iterations, and the ``TimeBudget`` hook's
 ``train_seconds`` gives the seconds of training steps up to each logged iteration. A run reaches
 the level at the first evaluation whose value is at least the level; its time is the
@@ -14,12 +15,12 @@ runs that reached it, per level. Used for #24's "reach AP50 0.5 no later than YO
         --metric bbox/AP50 --levels 32.9 50
 """
 import argparse
-import json
 import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from sdconet.utils.stats import mean_interval
+import numpy as np
+from sdconet.utils.stats import load_metrics, mean_interval
 
 
 def read_curve(run_dir: str, metric: str) -> List[Tuple[int, float, float]]:
@@ -27,28 +28,15 @@ def read_curve(run_dir: str, metric: str) -> List[Tuple[int, float, float]]:
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a training run's folder?")
-    seconds: Dict[int, float] = {}
-    evaluations: Dict[int, float] = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not JSON ({e})") from e
-            if "train_seconds" in row:
-                seconds[row["iteration"]] = row["train_seconds"]
-            if metric in row:
-                evaluations[row["iteration"]] = row[metric]
-    if evaluations and not seconds:
+    series = load_metrics(path)
+    if metric not in series:
+        return []
+    if "train_seconds" not in series:
         raise ValueError(f"{path} has no train_seconds (a run from before the TimeBudget hook?)")
-    curve = []
-    for iteration in sorted(evaluations):
-        logged = [it for it in seconds if it <= iteration]
-        curve.append((iteration, seconds[max(logged)] if logged else 0.0, float(evaluations[iteration])))
-    return curve
+    (eval_iters, values), (logged_iters, seconds) = series[metric], series["train_seconds"]
+    # the seconds logged last at or before each evaluation (0 before the first log)
+    last = np.searchsorted(logged_iters, eval_iters, side="right") - 1
+    return [(int(it), float(seconds[i]) if i >= 0 else 0.0, float(v)) for it, i, v in zip(eval_iters, last, values)]
 
 
 def first_reach(curve: Sequence[Tuple[int, float, float]], level: float) -> Optional[Tuple[int, float]]:

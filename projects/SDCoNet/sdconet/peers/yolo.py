@@ -30,8 +30,7 @@ from .yolo_format import write_yolo_dataset
 # analytics. Its import also sets OMP_NUM_THREADS=1 when unset (torch is already loaded, so only child
 # processes see it) and cv2.setNumThreads(0).
 os.environ["YOLO_OFFLINE"] = "1"
-import ultralytics  # noqa: E402
-from ultralytics import YOLO  # noqa: E402
+from ultralytics import YOLO, __version__ as ultralytics_version  # noqa: E402
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
 
 # What Ultralytics' own validator keeps (conf 0.001, NMS IoU 0.7), capped at our 100 boxes.
@@ -110,7 +109,7 @@ class YoloPeer:
         trainer = model.trainer
         return {"train_seconds": epoch_ends[-1] - trainer.train_time_start, "epochs": trainer.epoch + 1,
                 "iterations": batches[0], "planned_epochs": trainer.epochs, "wall_seconds": time.time() - start,
-                "weights": model.overrides["model"], "ultralytics_version": ultralytics.__version__}
+                "weights": model.overrides["model"], "ultralytics_version": ultralytics_version}
 
     @torch.no_grad()
     def predict(self, images, chunk: int = 32) -> list:

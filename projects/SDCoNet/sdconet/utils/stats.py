@@ -1,6 +1,7 @@
 """Statistics over training runs that differ only in their seed, for tools/summarize_runs.py and
 tools/compare.py: a run's final metric, the mean over seeds with its confidence interval, and the
-paired difference between two configs run on the same seeds.
+paired difference between two configs run on the same seeds; and a run's metrics.json as curves
+(tools/plot_metrics.py, tools/time_to_level.py).
 
 Seeds are few (3 to 10), so intervals use Student's t with n - 1 degrees of freedom. Two configs
 are compared seed by seed: a seed fixes the initial weights and the data order of both runs, and
@@ -10,12 +11,14 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
+
+Series = Tuple[np.ndarray, np.ndarray]  # (iterations, values)
 
 
 @dataclass(frozen=True)
@@ -84,3 +87,29 @@ def metric_value(results: Dict, metric: str) -> float:
     task, key = metric.split("/", 1)
     value = results.get(task, {}).get(key)
     return math.nan if value is None else float(value)
+
+
+def load_metrics(metrics_path: str) -> Dict[str, Series]:
+    """Per-key (iterations, values) of a detectron2 metrics.json (one JSON object per line, written
+    by JSONWriter), sorted by iteration.
+
+    Lines that do not parse (a line still being written) are skipped; when an iteration appears
+    twice (a resumed run appends to the same file) the later value wins.
+    """
+    points: Dict[str, Dict[int, float]] = {}
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(row, dict) or "iteration" not in row:
+                continue
+            for key, value in row.items():
+                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    points.setdefault(key, {})[int(row["iteration"])] = float(value)
+    series = {}
+    for key, by_iter in points.items():
+        iters = np.array(sorted(by_iter))
+        series[key] = (iters, np.array([by_iter[i] for i in iters]))
+    return series
